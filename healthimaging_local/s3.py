@@ -1,0 +1,213 @@
+"""The embedded moto S3 backend: direct object access for the importer and persistence under ``<state-dir>/s3``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from moto.s3.exceptions import MissingBucket
+from moto.s3.models import s3_backends
+
+from healthimaging_local.model import ACCOUNT_ID, REGION
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from moto.s3.models import FakeBucket, S3Backend
+
+
+@dataclass(frozen=True)
+class S3Object:
+    """One object listed under a prefix."""
+
+    key: str
+    size: int
+
+
+def backend() -> S3Backend:
+    """moto's in-process S3 backend that the endpoint serves."""
+    return s3_backends[ACCOUNT_ID]["aws"]
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/prefix`` into bucket and prefix.
+
+    :param uri: an S3 URI (already validated by the model pattern).
+    """
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    return bucket, prefix
+
+
+class S3Storage:
+    """Object access plus write-through persistence of moto's S3 state.
+
+    :param root: the folder under which buckets are persisted.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+
+    # ---------------------------------------------------------------------------------- object access
+
+    def bucket(self, name: str) -> FakeBucket | None:
+        """The bucket named ``name`` or ``None``.
+
+        :param name: bucket name.
+        """
+        try:
+            return backend().get_bucket(name)
+        except MissingBucket:
+            return None
+
+    def list_objects(self, bucket: str, prefix: str) -> Iterator[S3Object]:
+        """Every current object under a prefix, recursively, sorted by key.
+
+        :param bucket: bucket name (must exist).
+        :param prefix: key prefix.
+        """
+        fake = backend().get_bucket(bucket)
+        for key in sorted(k for k in list(fake.keys.keys()) if k.startswith(prefix)):
+            obj = fake.keys.get(key)
+            if obj is not None and hasattr(obj, "size"):
+                yield S3Object(key, obj.size)
+
+    def get_object(self, bucket: str, key: str) -> bytes:
+        """The bytes of one object.
+
+        :param bucket: bucket name.
+        :param key: object key.
+        """
+        obj = backend().get_bucket(bucket).keys.get(key)
+        if obj is None:
+            raise KeyError(key)
+        return bytes(obj.value)
+
+    def put_object(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+        """Write an object and persist it.
+
+        :param bucket: bucket name.
+        :param key: object key.
+        :param data: the content.
+        :param content_type: its Content-Type.
+        """
+        obj = backend().put_object(bucket, key, data, disable_notification=True)
+        obj.set_metadata({"Content-Type": content_type})
+        self.sync_key(bucket, key)
+
+    # ---------------------------------------------------------------------------------- persistence
+
+    def _bucket_dir(self, bucket: str) -> Path:
+        return self.root / hashlib.sha1(bucket.encode()).hexdigest()
+
+    def _object_paths(self, bucket: str, key: str) -> tuple[Path, Path]:
+        stem = self._bucket_dir(bucket) / "objects" / hashlib.sha256(key.encode()).hexdigest()
+        return stem.with_suffix(".json"), stem.with_suffix(".bin")
+
+    @staticmethod
+    def _atomic_write(path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def sync_key(self, bucket: str, key: str) -> None:
+        """Persist the current state of one object (written, or removed if it no longer exists).
+
+        :param bucket: bucket name.
+        :param key: object key.
+        """
+        with self._lock:
+            fake = self.bucket(bucket)
+            if fake is None:
+                self.sync_bucket(bucket)
+                return
+            self._ensure_bucket_dir(fake)
+            meta_path, data_path = self._object_paths(bucket, key)
+            obj = fake.keys.get(key)
+            if obj is None or not hasattr(obj, "value"):
+                meta_path.unlink(missing_ok=True)
+                data_path.unlink(missing_ok=True)
+                return
+            self._atomic_write(data_path, bytes(obj.value))
+            meta = {"key": key, "metadata": dict(obj.metadata), "etag": obj.etag}
+            self._atomic_write(meta_path, json.dumps(meta).encode())
+
+    def _ensure_bucket_dir(self, fake: FakeBucket) -> None:
+        folder = self._bucket_dir(fake.name)
+        if not (folder / "bucket.json").exists():
+            (folder / "objects").mkdir(parents=True, exist_ok=True)
+            self._atomic_write(folder / "bucket.json", json.dumps({"name": fake.name}).encode())
+
+    def sync_bucket(self, bucket: str) -> None:
+        """Persist a whole bucket: its existence and every object (changed objects only).
+
+        :param bucket: bucket name.
+        """
+        with self._lock:
+            folder = self._bucket_dir(bucket)
+            fake = self.bucket(bucket)
+            if fake is None:
+                if folder.exists():
+                    for path in (folder / "objects").glob("*"):
+                        path.unlink()
+                    (folder / "objects").rmdir()
+                    (folder / "bucket.json").unlink(missing_ok=True)
+                    folder.rmdir()
+                return
+            self._ensure_bucket_dir(fake)
+            wanted: set[str] = set()
+            for key in list(fake.keys.keys()):
+                meta_path, data_path = self._object_paths(bucket, key)
+                wanted.update({meta_path.name, data_path.name})
+                obj = fake.keys.get(key)
+                if obj is None or not hasattr(obj, "etag"):
+                    continue
+                if meta_path.exists() and json.loads(meta_path.read_bytes()).get("etag") == obj.etag:
+                    continue
+                self.sync_key(bucket, key)
+            for path in (folder / "objects").glob("*"):
+                if path.name not in wanted:
+                    path.unlink()
+
+    def sync_request(self, method: str, host: str, path: str) -> None:
+        """Persist what a successful mutating S3 request may have changed.
+
+        :param method: HTTP method of the request.
+        :param host: its Host header (for virtual-hosted-style addressing).
+        :param path: its raw path.
+        """
+        if method not in ("PUT", "POST", "DELETE"):
+            return
+        label = host.split(":", 1)[0].split(".", 1)[0]
+        parts = unquote(path).lstrip("/")
+        if label and self.bucket(label) is not None and "." in host.split(":", 1)[0]:
+            bucket, key = label, parts
+        else:
+            bucket, _, key = parts.partition("/")
+        if not bucket:
+            return
+        if key:
+            self.sync_key(bucket, key)
+        else:
+            self.sync_bucket(bucket)
+
+    def load(self) -> None:
+        """Replace moto's S3 state with what is persisted under the root folder."""
+        with self._lock:
+            s3 = backend()
+            s3.reset()
+            for marker in self.root.glob("*/bucket.json"):
+                name = json.loads(marker.read_bytes())["name"]
+                s3.create_bucket(name, REGION)
+                for meta_path in (marker.parent / "objects").glob("*.json"):
+                    meta: dict[str, Any] = json.loads(meta_path.read_bytes())
+                    data = meta_path.with_suffix(".bin").read_bytes()
+                    obj = s3.put_object(name, meta["key"], data, disable_notification=True)
+                    obj.set_metadata(dict(meta["metadata"]))

@@ -1,0 +1,151 @@
+"""Test helpers: wire-level output validation against the service model, data set-up and job polling."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from botocore.model import OperationModel, Shape
+
+from healthimaging_local.sample_data import synthetic_study_files
+
+ROLE_ARN = "arn:aws:iam::123456789012:role/ImportRole"
+
+
+class WireRecorder:
+    """Records the raw JSON body of every medical-imaging response a client receives."""
+
+    def __init__(self, client: Any) -> None:
+        self.bodies: dict[str, list[Any]] = {}
+        client.meta.events.register("before-parse.medical-imaging", self._record)
+
+    def _record(self, operation_model: OperationModel, response_dict: dict[str, Any], **_: Any) -> None:
+        if response_dict["status_code"] >= 300 or operation_model.has_streaming_output:
+            return
+        self.bodies.setdefault(operation_model.name, []).append(json.loads(response_dict["body"] or b"{}"))
+
+
+def wire_problems(shape: Shape, value: Any, where: str = "") -> list[str]:
+    """Differences between a wire JSON value and the model shape (empty when it conforms)."""
+    kind = shape.type_name
+    if value is None:
+        return [f"{where}: null instead of omitted"]
+    if kind == "structure":
+        if not isinstance(value, dict):
+            return [f"{where}: not an object"]
+        members = {m.serialization.get("name", n): m for n, m in shape.members.items()}  # type: ignore[attr-defined]
+        problems = [f"{where}.{k}: unknown member" for k in value if k not in members]
+        problems += [
+            f"{where}.{r}: required member missing" for r in shape.required_members if r not in value
+        ]  # type: ignore[attr-defined]
+        for key, item in value.items():
+            if key in members:
+                problems += wire_problems(members[key], item, f"{where}.{key}")
+        return problems
+    if kind == "list":
+        if not isinstance(value, list):
+            return [f"{where}: not a list"]
+        return [p for i, item in enumerate(value) for p in wire_problems(shape.member, item, f"{where}[{i}]")]  # type: ignore[attr-defined]
+    if kind == "map":
+        return [] if isinstance(value, dict) else [f"{where}: not a map"]
+    if kind == "string":
+        if not isinstance(value, str):
+            return [f"{where}: not a string"]
+        if shape.enum and value not in shape.enum:
+            return [f"{where}: {value!r} not in enum"]
+        pattern = shape.metadata.get("pattern", "").replace(r"\p{ASCII}", r"[\x00-\x7f]")
+        if pattern and not re.fullmatch(pattern, value):
+            return [f"{where}: does not match {shape.metadata['pattern']}"]
+        return []
+    if kind in ("integer", "long"):
+        return [] if isinstance(value, int) and not isinstance(value, bool) else [f"{where}: not an integer"]
+    if kind == "boolean":
+        return [] if isinstance(value, bool) else [f"{where}: not a boolean"]
+    if kind == "timestamp":
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return [f"{where}: timestamp is not an epoch number"]
+        return [] if round(value, 3) == value else [f"{where}: more than millisecond precision"]
+    return []
+
+
+def assert_wire_conforms(client: Any, recorder: WireRecorder) -> set[str]:
+    """Validate every recorded response against its output shape; return the operations seen."""
+    for name, bodies in recorder.bodies.items():
+        shape = client.meta.service_model.operation_model(name).output_shape
+        for body in bodies:
+            problems = wire_problems(shape, body, name)
+            assert not problems, problems
+    return set(recorder.bodies)
+
+
+def upload(s3: Any, bucket: str, prefix: str, files: Iterable[tuple[str, bytes]]) -> list[str]:
+    """Create the bucket if needed and upload files; return their keys."""
+    if bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket=bucket)
+    keys = []
+    for name, data in files:
+        s3.put_object(Bucket=bucket, Key=prefix + name, Body=data)
+        keys.append(prefix + name)
+    return keys
+
+
+def synthetic(
+    series: int = 1, instances: int = 2, seed: int = 0, patients: int = 1
+) -> list[tuple[str, bytes]]:
+    """Synthetic P10 files: ``patients`` x 1 study x ``series`` x ``instances``."""
+    return list(synthetic_study_files(patients, 1, series, instances, seed=seed))
+
+
+def create_active_datastore(mi: Any, name: str = "test") -> str:
+    """Create a data store and wait until it is ACTIVE; return its id."""
+    datastore_id: str = mi.create_datastore(datastoreName=name)["datastoreId"]
+    wait_for(
+        lambda: (
+            mi.get_datastore(datastoreId=datastore_id)["datastoreProperties"]["datastoreStatus"] == "ACTIVE"
+        )
+    )
+    return datastore_id
+
+
+def wait_for(condition: Any, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until it is truthy (fails the test after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def run_import(mi: Any, datastore_id: str, input_uri: str, output_uri: str, **extra: Any) -> dict[str, Any]:
+    """Start an import job and wait for its terminal state; return the job properties."""
+    job_id = mi.start_dicom_import_job(
+        datastoreId=datastore_id,
+        dataAccessRoleArn=ROLE_ARN,
+        inputS3Uri=input_uri,
+        outputS3Uri=output_uri,
+        **extra,
+    )["jobId"]
+    return wait_job(mi, datastore_id, job_id)
+
+
+def wait_job(mi: Any, datastore_id: str, job_id: str) -> dict[str, Any]:
+    """Wait until a job is COMPLETED or FAILED; return its properties."""
+    result: dict[str, Any] = {}
+
+    def done() -> bool:
+        result.update(mi.get_dicom_import_job(datastoreId=datastore_id, jobId=job_id)["jobProperties"])
+        return result["jobStatus"] in ("COMPLETED", "FAILED")
+
+    wait_for(done)
+    return result
+
+
+def read_json(s3: Any, uri: str) -> Any:
+    """Read a JSON (or NDJSON, as a list) object from an s3:// URI."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    text = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    if key.endswith(".ndjson"):
+        return [json.loads(line) for line in text.splitlines() if line]
+    return json.loads(text)
