@@ -1,0 +1,148 @@
+"""Sensor that waits for a HealthImaging DICOM import job and checks its output manifest."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+from time import sleep
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.amazon.aws.sensors.base_aws import AwsBaseSensor
+from airflow.providers.amazon.aws.utils import validate_execute_complete_event
+from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
+from airflow.providers.common.compat.sdk import AirflowException, PokeReturnValue
+
+from healthimaging.hooks import HealthImagingHook, check_failed_files, import_job_states, is_transient_error
+from healthimaging.triggers import DICOMImportJobTrigger
+from healthimaging.validation import check_parameter, coerce_optional_count
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from airflow.sdk import Context
+
+
+class DICOMImportJobSensor(AwsBaseSensor[HealthImagingHook]):
+    """
+    Wait for a DICOM import job to end; fail on FAILED, succeed on COMPLETED after reading its manifest.
+
+    Throttling, 5xx answers and dropped connections are logged and waited out in every mode;
+    ``timeout`` holds in every mode. The return value (XCom) is a dict with ``jobId``, ``jobStatus``,
+    ``endedAt``, ``outputS3Uri``, the manifest counts and ``failedFiles`` (input file keys and exception
+    types of the first failed files).
+
+    :param datastore_id: the data store id (templated)
+    :param job_id: the import job id (templated)
+    :param deferrable: wait in the triggerer instead of a worker slot (default True)
+    :param max_failed_files: fail a COMPLETED job with more failed files than this; None only warns
+    :param first_poke_jitter: wait up to this many seconds (random) before the first check, to spread
+        many sensors started together
+    :param aws_conn_id: the Airflow connection used for AWS credentials
+    :param region_name: AWS region name; if None, the connection's or boto3's default
+    :param verify: whether to verify SSL certificates
+    :param botocore_config: botocore client configuration (dict)
+    """
+
+    aws_hook_class = HealthImagingHook
+    template_fields: Sequence[str] = aws_template_fields("datastore_id", "job_id")
+    ui_color = "#66c3ff"
+
+    def __init__(
+        self,
+        *,
+        datastore_id: str,
+        job_id: str,
+        deferrable: bool = True,
+        max_failed_files: int | None = None,
+        first_poke_jitter: float = 0.0,
+        poke_interval: float = 30,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(poke_interval=poke_interval, **kwargs)
+        self.datastore_id = datastore_id
+        self.job_id = job_id
+        self.deferrable = deferrable
+        self.max_failed_files = max_failed_files
+        self.first_poke_jitter = first_poke_jitter
+        # Re-reads of a lagging manifest inside one poke: (attempts, seconds between them).
+        self.manifest_attempts, self.manifest_delay = 3, 2.0
+
+    def execute(self, context: Context) -> Any:
+        check_parameter("datastore_id", self.datastore_id)
+        check_parameter("job_id", self.job_id)
+        coerce_optional_count("max_failed_files", self.max_failed_files)
+        self._jitter_first_poke(context)
+        if not self.deferrable:
+            return super().execute(context=context)
+        poke_return = self.poke(context)
+        if isinstance(poke_return, PokeReturnValue):
+            return poke_return.xcom_value
+        self.defer(
+            trigger=DICOMImportJobTrigger(
+                datastore_id=self.datastore_id,
+                job_id=self.job_id,
+                waiter_delay=max(1, int(self.poke_interval)),
+                waiter_max_attempts=int(self.timeout // max(1, int(self.poke_interval))) + 2,
+                aws_conn_id=self.aws_conn_id,
+                region_name=self.region_name,
+                verify=self.verify,
+                botocore_config=self.botocore_config,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=self.timeout),
+        )
+
+    def _jitter_first_poke(self, context: Context) -> None:
+        if self.first_poke_jitter <= 0:
+            return
+        if self.reschedule and context["ti"].get_first_reschedule_date(context) is not None:
+            return
+        sleep(random.uniform(0, self.first_poke_jitter))
+
+    def poke(self, context: Context) -> bool | PokeReturnValue:
+        try:
+            job = self.hook.get_import_job(self.datastore_id, self.job_id)
+        except Exception as error:
+            if not is_transient_error(error):
+                raise
+            self.log.warning("Transient error checking import job %s: %s", self.job_id, error)
+            return False
+        status = job["jobStatus"]
+        self.log.info("DICOM import job %s is %s", self.job_id, status)
+        states = import_job_states()
+        if status in states["failure"]:
+            raise AirflowException(self.hook.failed_job_message(job))
+        if status not in states["success"]:
+            return False
+        result = self.hook.completed_job_result(
+            job, attempts=self.manifest_attempts, delay=self.manifest_delay
+        )
+        if result is None:
+            self.log.info("Import job %s is %s but its manifest is not there yet", self.job_id, status)
+            return False
+        warning = check_failed_files(result, self.max_failed_files)
+        if warning:
+            self.log.warning("%s", warning)
+        return PokeReturnValue(is_done=True, xcom_value=result)
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        event = validate_execute_complete_event(event)
+        job = self.hook.get_import_job(self.datastore_id, self.job_id)
+        if event["status"] != "success":
+            if job["jobStatus"] in import_job_states()["failure"]:
+                raise AirflowException(self.hook.failed_job_message(job))
+            raise AirflowException(
+                f"Waiting for DICOM import job {self.job_id} failed: {event.get('message')}"
+            )
+        result = self.hook.completed_job_result(
+            job, attempts=self.manifest_attempts * 3, delay=self.manifest_delay
+        )
+        if result is None:
+            raise AirflowException(
+                f"DICOM import job {self.job_id} is {job['jobStatus']} but {job['outputS3Uri']}"
+                "job-output-manifest.json was not found"
+            )
+        warning = check_failed_files(result, self.max_failed_files)
+        if warning:
+            self.log.warning("%s", warning)
+        return result

@@ -1,0 +1,98 @@
+"""The three classes in a real Airflow task runner (``dag.test()`` in a separate process) against the local endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+DAG_FILE = """
+from __future__ import annotations
+
+import os
+
+from airflow.sdk import DAG
+from healthimaging.operators import SearchImageSetsOperator, StartDICOMImportOperator
+from healthimaging.sensors import DICOMImportJobSensor
+
+DATASTORE_ID = os.environ["TEST_DATASTORE_ID"]
+
+with DAG("healthimaging_classes", schedule=None):
+    start = StartDICOMImportOperator(
+        task_id="start",
+        datastore_id=DATASTORE_ID,
+        data_access_role_arn="arn:aws:iam::123456789012:role/ImportRole",
+        input_s3_uri="s3://input/study/",
+        output_s3_uri="s3://output/results/",
+        deferrable=True,
+        waiter_delay=1,
+        waiter_max_attempts=30,
+    )
+    wait = DICOMImportJobSensor(
+        task_id="wait",
+        datastore_id=DATASTORE_ID,
+        job_id="{{ ti.xcom_pull(task_ids='start', key='jobId') }}",
+        mode="reschedule",
+        deferrable=False,
+        poke_interval=1,
+        timeout=120,
+    )
+    search = SearchImageSetsOperator(
+        task_id="search", datastore_id=DATASTORE_ID, import_job_id="{{ ti.xcom_pull(task_ids='start') }}"
+    )
+    start >> wait >> search
+"""
+
+RUNNER = """
+import json, sys
+from airflow.utils import db
+db.resetdb()
+from airflow.dag_processing.dagbag import DagBag
+from airflow.models.xcom import XComModel
+from airflow.utils.session import create_session
+from sqlalchemy import select
+
+run = DagBag().get_dag("healthimaging_classes").test()
+with create_session() as session:
+    rows = session.scalars(select(XComModel).where(XComModel.dag_id == "healthimaging_classes"))
+    xcoms = {f"{row.task_id}.{row.key}": row.value for row in rows}
+print("RESULT " + json.dumps({"state": str(run.state), "xcoms": xcoms}, default=str))
+"""
+
+
+@pytest.mark.slow
+def test_start_wait_search_in_dag_test(live, tmp_path) -> None:
+    series = live.upload("study", series_per_study=2)
+    (tmp_path / "dags").mkdir()
+    (tmp_path / "dags" / "healthimaging_classes.py").write_text(textwrap.dedent(DAG_FILE))
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "AWS_"))} | {
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(tmp_path / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW_CONN_AWS_DEFAULT": os.environ["AIRFLOW_CONN_AWS_DEFAULT"],
+        "TEST_DATASTORE_ID": live.datastore_id,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["state"] == "success", done.stdout[-3000:]
+    xcoms = result["xcoms"]
+    job_id = xcoms["start.return_value"]
+    assert xcoms["start.jobId"] == job_id
+    assert xcoms["start.datastoreId"] == live.datastore_id
+    assert xcoms["start._link_HealthImagingImportJobLink"].endswith(
+        f"/data-stores/{live.datastore_id}/import-jobs/{job_id}"
+    )
+    assert xcoms["wait.return_value"]["jobStatus"] == "COMPLETED"
+    assert xcoms["wait.return_value"]["numberOfImportedFiles"] == 4
+    summaries = xcoms["search.imageSetsMetadataSummaries"]
+    assert {s["DICOMTags"]["DICOMSeriesInstanceUID"] for s in summaries} == series
+    assert all(s["DICOMTags"]["DICOMPatientId"] == "***" for s in summaries)
+    assert [job["jobId"] for job in live.jobs()] == [job_id]

@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+from airflow.providers.amazon.aws.hooks.base_aws import AwsGenericHook
+from airflow.triggers.base import TriggerEvent
+from botocore.exceptions import EndpointConnectionError, WaiterError
+
+from healthimaging.hooks import HealthImagingHook
+from healthimaging.triggers import DICOMImportJobTrigger
+
+DS = "0123456789abcdef0123456789abcdef"
+JOB = "fedcba9876543210fedcba9876543210"
+
+
+def _trigger(**kwargs) -> DICOMImportJobTrigger:
+    args = {"datastore_id": DS, "job_id": JOB, "waiter_delay": 0, "waiter_max_attempts": 5}
+    args.update(kwargs)
+    return DICOMImportJobTrigger(**args)
+
+
+def test_constructor_is_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        DICOMImportJobTrigger(DS, JOB)  # type: ignore[misc]
+
+
+def test_serialize() -> None:
+    trigger = _trigger(
+        aws_conn_id="hi",
+        region_name="eu-west-1",
+        verify="/ca.pem",
+        botocore_config={"inject_host_prefix": False},
+    )
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "healthimaging.triggers.DICOMImportJobTrigger"
+    assert kwargs == {
+        "datastore_id": DS,
+        "job_id": JOB,
+        "waiter_delay": 0,
+        "waiter_max_attempts": 5,
+        "aws_conn_id": "hi",
+        "region_name": "eu-west-1",
+        "verify": "/ca.pem",
+        "botocore_config": {"inject_host_prefix": False},
+    }
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"aws_conn_id": None},
+        {"region_name": "eu-west-1", "verify": False, "botocore_config": {"retries": {"mode": "standard"}}},
+    ],
+)
+def test_serialization_round_trip(extra) -> None:
+    """Trigger.from_object -> encrypted kwargs (as stored) -> classpath import -> re-instantiate -> same kwargs."""
+    from airflow.jobs.triggerer_job_runner import TriggerRunner
+    from airflow.models.trigger import Trigger
+    from airflow.serialization.serialized_objects import BaseSerialization
+
+    trigger = _trigger(**extra)
+    row = Trigger.from_object(trigger)
+    stored = BaseSerialization.deserialize(BaseSerialization.serialize(row.kwargs))
+    trigger_class = TriggerRunner().get_trigger_by_classpath(row.classpath)
+    rebuilt = trigger_class(**stored)
+    assert isinstance(rebuilt, DICOMImportJobTrigger)
+    assert rebuilt.serialize() == trigger.serialize()
+
+
+def test_hook_carries_every_connection_argument() -> None:
+    hook = _trigger(
+        aws_conn_id="hi", region_name="eu-west-1", verify=False, botocore_config={"inject_host_prefix": False}
+    ).hook()
+    assert isinstance(hook, HealthImagingHook)
+    assert (hook.aws_conn_id, hook._region_name, hook._verify) == ("hi", "eu-west-1", False)
+    assert hook._config.inject_host_prefix is False
+
+
+def _waiter_error(status: str, reason: str = "Max attempts exceeded") -> WaiterError:
+    return WaiterError(
+        name="dicom_import_job_complete",
+        reason=reason,
+        last_response={
+            "jobProperties": {"jobStatus": status, "message": "bad input" if status == "FAILED" else None}
+        },
+    )
+
+
+async def _first_event(
+    trigger: DICOMImportJobTrigger, side_effect: list
+) -> tuple[TriggerEvent, mock.AsyncMock]:
+    inner = mock.MagicMock()
+    inner.name = "dicom_import_job_complete"
+    inner.wait = mock.AsyncMock(side_effect=side_effect)
+    client = mock.MagicMock()
+    client.__aenter__ = mock.AsyncMock(return_value=client)
+    client.__aexit__ = mock.AsyncMock(return_value=False)
+    with (
+        mock.patch.object(HealthImagingHook, "get_async_conn", mock.AsyncMock(return_value=client)),
+        mock.patch.object(AwsGenericHook, "get_waiter", return_value=inner) as get_waiter,
+    ):
+        event = await trigger.run().asend(None)
+    assert get_waiter.call_args.kwargs["deferrable"] is True
+    return event, inner.wait
+
+
+@pytest.mark.asyncio
+async def test_run_success() -> None:
+    event, wait = await _first_event(
+        _trigger(), [_waiter_error("SUBMITTED"), _waiter_error("IN_PROGRESS"), None]
+    )
+    assert event.payload == {"status": "success", "job_id": JOB}
+    assert wait.await_count == 3
+    wait.assert_awaited_with(datastoreId=DS, jobId=JOB, WaiterConfig={"MaxAttempts": 1})
+
+
+@pytest.mark.asyncio
+async def test_run_failure_carries_job_message() -> None:
+    terminal = _waiter_error("FAILED", reason="Waiter encountered a terminal failure state")
+    event, _ = await _first_event(_trigger(), [_waiter_error("IN_PROGRESS"), terminal])
+    assert event.payload["status"] == "error"
+    assert event.payload["job_id"] == JOB
+    assert "bad input" in event.payload["message"]
+    assert f"DICOM import job {JOB} failed" in event.payload["message"]
+
+
+@pytest.mark.asyncio
+async def test_run_dropped_connection_then_success() -> None:
+    import aiohttp
+
+    event, wait = await _first_event(
+        _trigger(),
+        [EndpointConnectionError(endpoint_url="http://x"), aiohttp.ServerDisconnectedError(), None],
+    )
+    assert event.payload == {"status": "success", "job_id": JOB}
+    assert wait.await_count == 3
+
+
+@pytest.mark.asyncio
+async def test_run_dropped_connections_spend_the_attempt_budget() -> None:
+    event, wait = await _first_event(
+        _trigger(waiter_max_attempts=2), [EndpointConnectionError(endpoint_url="http://x")] * 2
+    )
+    assert event.payload["status"] == "error"
+    assert "max attempts" in event.payload["message"]
+    assert wait.await_count == 2
+
+
+@pytest.mark.asyncio
+async def test_run_other_errors_still_raise() -> None:
+    with pytest.raises(ValueError, match="boom"):
+        await _first_event(_trigger(), [ValueError("boom")])
+
+
+# ------------------------------------------------------------------ real path: aiobotocore against the local endpoint
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_run_against_endpoint_completed(live, caplog) -> None:
+    live.upload("study")
+    job_id = live.start_job("study")
+    trigger = DICOMImportJobTrigger(
+        datastore_id=live.datastore_id, job_id=job_id, waiter_delay=1, waiter_max_attempts=30
+    )
+    with caplog.at_level("INFO", logger="airflow.providers.amazon.aws.utils.waiter_with_logging"):
+        event = await trigger.run().asend(None)
+    assert event.payload == {"status": "success", "job_id": job_id}
+    assert f"Status of DICOM import job {job_id} is: IN_PROGRESS" in caplog.text
+    job = live.medical_imaging.get_dicom_import_job(datastoreId=live.datastore_id, jobId=job_id)[
+        "jobProperties"
+    ]
+    assert job["jobStatus"] == "COMPLETED"
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_run_against_endpoint_failed(live) -> None:
+    job_id = live.start_job("study", input_bucket="no-such-bucket")
+    trigger = DICOMImportJobTrigger(
+        datastore_id=live.datastore_id, job_id=job_id, waiter_delay=1, waiter_max_attempts=30
+    )
+    event = await trigger.run().asend(None)
+    assert event.payload["status"] == "error"
+    assert event.payload["job_id"] == job_id
+    job = live.medical_imaging.get_dicom_import_job(datastoreId=live.datastore_id, jobId=job_id)[
+        "jobProperties"
+    ]
+    assert job["jobStatus"] == "FAILED"
+    assert job["message"] in event.payload["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_run_survives_endpoint_restart(live, tmp_path) -> None:
+    """The endpoint goes away mid-wait (connection refused) and comes back on the same port: the wait goes on."""
+    import asyncio
+
+    from healthimaging_local.server import LocalEndpoint
+
+    live.upload("study")
+    job_id = live.start_job("study")
+    url = live.endpoint.url
+    port = int(url.rsplit(":", 1)[1])
+    live.endpoint.stop()
+    trigger = DICOMImportJobTrigger(
+        datastore_id=live.datastore_id, job_id=job_id, waiter_delay=1, waiter_max_attempts=60
+    )
+    task = asyncio.ensure_future(trigger.run().asend(None))
+    await asyncio.sleep(2.5)
+    assert not task.done()
+    with LocalEndpoint(live.endpoint.state_dir, port=port, import_seconds=0):
+        event = await asyncio.wait_for(task, timeout=60)
+    assert event.payload == {"status": "success", "job_id": job_id}
