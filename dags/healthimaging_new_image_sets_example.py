@@ -1,0 +1,86 @@
+"""
+# New HealthImaging image sets (downstream example)
+
+Scheduled on the asset `healthimaging_image_sets`, which `healthimaging_import_dicom_and_search` updates after
+each successful import that produced image sets. Each asset event's `extra` is
+`{"datastoreId": ..., "jobId": ..., "imageSetIds": [...]}` (ids only, never PHI). Several events can fold into one
+run, so the task reads them all from `triggering_asset_events`.
+
+Copy this DAG as the start of an inference, QA or de-identification pipeline: replace the logging task with
+your own work on the listed image sets (for example `GetImageSetMetadata` per id).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import pendulum
+from airflow.sdk import Asset, dag, task
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+#: Must match ``IMAGE_SETS_ASSET_NAME`` in ``healthimaging_import_dicom_and_search`` (a test checks it).
+IMAGE_SETS_ASSET_NAME = "healthimaging_image_sets"
+
+log = logging.getLogger(__name__)
+
+
+def new_image_sets(events: Iterable[Any]) -> list[dict[str, Any]]:
+    """
+    Collect the image sets announced by asset events, one entry per import job.
+
+    :param events: asset events (anything with an ``extra`` mapping), e.g. from ``triggering_asset_events``.
+    :return: ``[{"datastoreId", "jobId", "imageSetIds"}, ...]``; events without image-set ids are dropped.
+    """
+    imports = []
+    for event in events:
+        extra = getattr(event, "extra", None) or {}
+        ids = [str(i) for i in extra.get("imageSetIds") or []]
+        if ids:
+            imports.append(
+                {"datastoreId": extra.get("datastoreId"), "jobId": extra.get("jobId"), "imageSetIds": ids}
+            )
+    return imports
+
+
+@dag(
+    dag_id="healthimaging_new_image_sets_example",
+    description="Example consumer of new HealthImaging image sets (asset-scheduled)",
+    doc_md=__doc__,
+    schedule=[Asset.ref(name=IMAGE_SETS_ASSET_NAME)],
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["healthimaging", "medical-imaging", "example"],
+    default_args={
+        "owner": "data-engineering",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "execution_timeout": timedelta(minutes=10),
+    },
+)
+def healthimaging_new_image_sets_example() -> None:
+    @task
+    def log_new_image_sets(triggering_asset_events: Mapping[Any, Iterable[Any]] | None = None) -> list[str]:
+        """Log the new image-set ids (ids only) and return them."""
+        events = [event for per_asset in (triggering_asset_events or {}).values() for event in per_asset]
+        imports = new_image_sets(events)
+        ids: list[str] = []
+        for item in imports:
+            log.info(
+                "Import job %s in data store %s: %d new image set(s): %s",
+                item["jobId"],
+                item["datastoreId"],
+                len(item["imageSetIds"]),
+                ", ".join(item["imageSetIds"]),
+            )
+            ids.extend(item["imageSetIds"])
+        return ids
+
+    log_new_image_sets()
+
+
+healthimaging_new_image_sets_example()

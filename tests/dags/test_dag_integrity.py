@@ -1,0 +1,200 @@
+"""Every DAG in ``dags/`` parses cleanly, follows the house rules, stays light at parse time and refuses bad params."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from dag_test_helpers import DAGS, EXAMPLE_DAG_ID, IMPORT_DAG_ID, ROOT
+
+DAG_FILES = sorted(p for p in DAGS.glob("*.py") if not p.name.startswith("_"))
+VALID_CONF: dict[str, Any] = {
+    "datastore_id": "0123456789abcdef0123456789abcdef",
+    "data_access_role_arn": "arn:aws:iam::123456789012:role/HealthImagingImport",
+    "input_s3_uri": "s3://dicom-bucket/incoming/2025/01/31/",
+    "input_s3_uris": ["s3://dicom-bucket/incoming/a/", "s3://dicom-bucket/incoming/b/"],
+    "output_s3_uri": "s3://dicom-bucket/import-output/",
+    "job_name": "nightly.2025-01-31",
+    "client_token": "token-1.0_x",
+    "search_criteria": {"filters": []},
+    "max_results": 25,
+    "include_phi": False,
+    "max_failed_files": 0,
+}
+
+
+def test_dag_files_found() -> None:
+    assert {p.stem for p in DAG_FILES} >= {IMPORT_DAG_ID, EXAMPLE_DAG_ID}
+
+
+def test_no_import_errors(dagbag: Any) -> None:
+    assert dagbag.import_errors == {}
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+def test_dag_id_is_file_stem_and_documented(dagbag: Any, path: Any) -> None:
+    dag = dagbag.dags.get(path.stem)
+    assert dag is not None, f"{path.name} defines no DAG with dag_id {path.stem!r}"
+    assert dag.fileloc == str(path)
+    assert dag.tags, "every DAG needs tags"
+    assert dag.doc_md, "doc_md must be the module docstring"
+    assert dag.doc_md.strip().startswith("#"), "doc_md is Markdown with a title"
+    assert (dag.default_args or {}).get("owner")
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+def test_every_task_retries_with_timeouts(dagbag: Any, path: Any) -> None:
+    dag = dagbag.dags[path.stem]
+    assert int((dag.default_args or {}).get("retries", 0)) >= 2
+    for task in dag.tasks:
+        assert task.retries >= 2, task.task_id
+        assert task.retry_delay.total_seconds() > 0, task.task_id
+        assert task.execution_timeout is not None, task.task_id
+
+
+def test_import_dag_schedule_and_limits(dagbag: Any) -> None:
+    from airflow.sdk import CronDataIntervalTimetable
+
+    dag = dagbag.dags[IMPORT_DAG_ID]
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)
+    assert dag.catchup is False
+    assert dag.max_active_runs is not None
+    assert dag.max_active_runs <= 16
+    start = dag.get_task("import_dicom.start_import_job")
+    wait = dag.get_task("import_dicom.wait_for_import_job")
+    assert start.max_active_tis_per_dag == 1
+    assert wait.max_active_tis_per_dag is not None
+    assert wait.max_active_tis_per_dag < 100
+    assert wait.deferrable is True
+    assert 0 < wait.timeout <= 24 * 3600
+    assert start.pool == wait.pool
+    assert wait.priority_weight > start.priority_weight
+    assert start.retry_exponential_backoff
+
+
+def test_parse_is_light_and_offline() -> None:
+    """Parsing imports no boto3/botocore/pydicom/endpoint code of its own, makes no AWS call, reads no Variable."""
+    probe = f"""
+import importlib.util, json, sys
+import airflow.sdk, healthimaging.operators, healthimaging.sensors   # the operators may pull in boto3
+import botocore.client
+from airflow.sdk import Variable
+calls = []
+botocore.client.BaseClient._make_api_call = lambda self, op, params: calls.append(op)
+Variable.get = classmethod(lambda cls, *a, **k: calls.append(("Variable.get", a)))
+before = set(sys.modules)
+for path in {[str(p) for p in DAG_FILES]!r}:
+    spec = importlib.util.spec_from_file_location("probe_" + path.rsplit("/", 1)[-1][:-3], path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+new = sorted(set(sys.modules) - before)
+print(json.dumps({{"new": new, "all": sorted(sys.modules), "calls": [str(c) for c in calls]}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    heavy = ("boto3", "botocore", "aiobotocore", "pydicom", "healthimaging_local", "moto")
+    assert [m for m in result["new"] if m.split(".")[0] in heavy] == []
+    assert [m for m in result["all"] if m.split(".")[0] in ("pydicom", "healthimaging_local", "moto")] == []
+    assert result["calls"] == []
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+def test_no_heavy_module_level_imports_in_dag_files(path: Any) -> None:
+    """Even when an operator already pulled boto3 in, a DAG file itself imports it only inside tasks."""
+    tree = ast.parse(path.read_text())
+    names = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    heavy = {"boto3", "botocore", "aiobotocore", "pydicom", "healthimaging_local", "moto"}
+    assert [n for n in names if n.split(".")[0] in heavy] == []
+
+
+class TestParams:
+    """
+    Params refuse a bad trigger before any task runs: the check ``create_dagrun`` (UI form, REST API, CLI) and
+    ``airflow backfill create`` run on the serialized DAG, ``dag.params.deep_merge(conf).validate()``.
+    """
+
+    @pytest.fixture(scope="class")
+    def serialized_dag(self, dagbag: Any) -> Any:
+        from airflow.serialization.serialized_objects import DagSerialization
+
+        return DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dagbag.dags[IMPORT_DAG_ID]))
+
+    def validate(self, serialized_dag: Any, conf: dict[str, Any]) -> dict[str, Any]:
+        return dict(serialized_dag.params.deep_merge(conf).validate())
+
+    def test_defaults_validate(self, serialized_dag: Any) -> None:
+        resolved = self.validate(serialized_dag, {})
+        assert resolved["max_results"] == 50
+        assert resolved["include_phi"] is False
+        assert resolved["search_criteria"] == {}
+        assert resolved["datastore_id"] is None
+
+    def test_valid_conf(self, serialized_dag: Any) -> None:
+        assert self.validate(serialized_dag, VALID_CONF)["max_results"] == 25
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("datastore_id", "0123456789ABCDEF0123456789ABCDEF"),
+            ("datastore_id", "0123456789abcdef"),
+            ("datastore_id", 123),
+            ("data_access_role_arn", "arn:aws:iam::1234:role/x"),
+            ("data_access_role_arn", "arn:aws:s3:::bucket"),
+            ("data_access_role_arn", "arn:aws:iam::123456789012:user/someone"),
+            ("input_s3_uri", "https://bucket/prefix/"),
+            ("input_s3_uri", "s3://UPPER/prefix/"),
+            ("input_s3_uri", "s3://a/prefix/"),
+            ("input_s3_uris", ["s3://dicom-bucket/ok/", "not-a-uri"]),
+            ("input_s3_uris", "s3://dicom-bucket/ok/"),
+            ("input_s3_uris", ["s3://dicom-bucket/ok/", "s3://dicom-bucket/ok/"]),
+            ("output_s3_uri", "s3:/dicom-bucket/out/"),
+            ("job_name", "bad name with spaces"),
+            ("job_name", "x" * 65),
+            ("client_token", "bad/token"),
+            ("client_token", "t" * 65),
+            ("max_results", 0),
+            ("max_results", 51),
+            ("max_results", "50"),
+            ("include_phi", "yes"),
+            ("max_failed_files", -1),
+            ("search_criteria", []),
+        ],
+    )
+    def test_bad_value_refused(self, serialized_dag: Any, name: str, value: Any) -> None:
+        from airflow.sdk.exceptions import ParamValidationError
+
+        with pytest.raises(ParamValidationError, match=name):
+            self.validate(serialized_dag, {**VALID_CONF, name: value})
+
+    def test_every_param_explains_itself(self, dagbag: Any) -> None:
+        params = dagbag.dags[IMPORT_DAG_ID].params
+        for name in params:
+            param = params.get_param(name)
+            assert len(param.description or "") > 20, name
+            assert "type" in param.schema, name
+
+
+def test_example_dag_schedules_on_the_import_dags_asset(dagbag: Any, import_dag_module: Any) -> None:
+    """The downstream example listens to exactly the asset the import DAG updates."""
+    from airflow.sdk import Asset
+
+    import_dag = dagbag.dags[IMPORT_DAG_ID]
+    outlets = [o for t in import_dag.tasks for o in t.outlets]
+    assert outlets == [import_dag_module.IMAGE_SETS]
+    assert outlets[0] == Asset(
+        name=import_dag_module.IMAGE_SETS_ASSET_NAME, uri=outlets[0].uri, group="medical-imaging"
+    )
+    example = dagbag.dags[EXAMPLE_DAG_ID]
+    condition = example.timetable.asset_condition
+    assert [type(ref).__name__ for ref in condition.objects] == ["AssetNameRef"]
+    assert [ref.name for ref in condition.objects] == [import_dag_module.IMAGE_SETS_ASSET_NAME]

@@ -1,0 +1,377 @@
+"""
+``healthimaging_import_dicom_and_search`` mirrors the Arazzo workflow ``import-dicom-and-search`` and resolves its
+inputs as documented: params > Airflow Variables > the run's data interval.
+
+The structural checks read the workflow from ``../shared/reference/``; the end-to-end test runs the DAG with
+``dag.test()`` (the sensor really defers, its trigger polls over HTTP) against the local endpoint and reads the
+workflow's outputs from XCom.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dag_test_helpers import IMPORT_DAG_ID, ROOT, load_dag_module, run_xcoms, task_states
+
+WORKFLOW_PATH = ROOT.parent / "shared/reference/amazon-healthimaging-import-dicom-and-search-workflow.yml"
+DATASTORE = "0123456789abcdef0123456789abcdef"
+ROLE_ARN = "arn:aws:iam::123456789012:role/HealthImagingImport"
+OUTPUT = "s3://dicom-bucket/import-output/"
+TEMPLATE = "s3://dicom-bucket/incoming/{{ data_interval_start.strftime('%Y/%m/%d') }}/"
+
+#: stepId -> (task id, operator class name). The operation each one calls is checked below.
+STEP_TASKS = {
+    "startImportJob": ("import_dicom.start_import_job", "StartDICOMImportOperator"),
+    "pollImportJob": ("import_dicom.wait_for_import_job", "DICOMImportJobSensor"),
+    "searchImageSets": ("import_dicom.search_image_sets", "SearchImageSetsOperator"),
+}
+#: workflow output -> (step's task, XCom key, key inside the value or None)
+OUTPUT_XCOMS = {
+    "jobId": ("import_dicom.start_import_job", "jobId", None),
+    "jobStatus": ("import_dicom.wait_for_import_job", "return_value", "jobStatus"),
+    "firstImageSetId": ("import_dicom.search_image_sets", "firstImageSetId", None),
+    "imageSetsMetadataSummaries": ("import_dicom.search_image_sets", "imageSetsMetadataSummaries", None),
+}
+
+
+def snake(name: str) -> str:
+    """``inputS3Uri`` -> ``input_s3_uri``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+@pytest.fixture(scope="module")
+def workflow() -> dict[str, Any]:
+    if not WORKFLOW_PATH.exists():
+        message = f"Arazzo workflow not found at {WORKFLOW_PATH} (shared/ is laid beside the repo)"
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(message)
+        pytest.skip(message)
+    document = yaml.safe_load(WORKFLOW_PATH.read_text())
+    (flow,) = [w for w in document["workflows"] if w["workflowId"] == "import-dicom-and-search"]
+    return dict(flow)
+
+
+@pytest.fixture(scope="module")
+def dag(dagbag: Any) -> Any:
+    return dagbag.dags[IMPORT_DAG_ID]
+
+
+class TestMirrorsWorkflow:
+    def test_a_task_per_step_in_order(self, workflow: dict[str, Any], dag: Any) -> None:
+        step_ids = [step["stepId"] for step in workflow["steps"]]
+        assert step_ids == list(STEP_TASKS)
+        tasks = [dag.get_task(STEP_TASKS[step][0]) for step in step_ids]
+        for task, (_, class_name) in zip(tasks, STEP_TASKS.values(), strict=True):
+            assert class_name in [cls.__name__ for cls in type(task).__mro__]
+            assert task.task_group.group_id == "import_dicom"
+        for upstream, downstream in zip(tasks, tasks[1:], strict=False):
+            assert upstream.task_id in downstream.get_flat_relative_ids(upstream=True)
+
+    def test_each_task_calls_its_steps_operation(self, workflow: dict[str, Any], dag: Any) -> None:
+        """operationId -> boto3 method (botocore's own name mapping) -> called by the task's operator."""
+        import botocore.session
+        from botocore import xform_name
+
+        from healthimaging.hooks import IMPORT_JOB_WAITER, HealthImagingHook
+
+        model = botocore.session.get_session().get_service_model("medical-imaging")
+        waiters = json.loads((ROOT / "plugins/healthimaging/waiters/medical-imaging.json").read_text())[
+            "waiters"
+        ]
+        for step in workflow["steps"]:
+            operation = step["operationId"]
+            assert operation in model.operation_names
+            method = xform_name(operation)
+            task = dag.get_task(STEP_TASKS[step["stepId"]][0])
+            if step["stepId"] == "pollImportJob":
+                # The sensor polls through the waiter (trigger) and the hook (poke): both call GetDICOMImportJob.
+                assert waiters[IMPORT_JOB_WAITER]["operation"] == operation
+                assert f".{method}(" in inspect.getsource(HealthImagingHook.get_import_job)
+                assert "get_import_job" in inspect.getsource(type(task).poke)
+            else:
+                source = "".join(
+                    inspect.getsource(cls)
+                    for cls in type(task).__mro__
+                    if cls.__module__.startswith("healthimaging")
+                )
+                assert f".{method}(" in source or f'"{method}"' in source, (step["stepId"], method)
+
+    def test_poll_step_branches_match_the_waiter(self, workflow: dict[str, Any]) -> None:
+        """The workflow's onSuccess branches (COMPLETED -> search, FAILED -> end, else poll) are the waiter's acceptors."""
+        from healthimaging.hooks import IMPORT_JOB_WAITER
+
+        waiter = json.loads((ROOT / "plugins/healthimaging/waiters/medical-imaging.json").read_text())[
+            "waiters"
+        ]
+        acceptors = {a["expected"]: a["state"] for a in waiter[IMPORT_JOB_WAITER]["acceptors"]}
+        (poll,) = [s for s in workflow["steps"] if s["stepId"] == "pollImportJob"]
+        for branch in poll["onSuccess"]:
+            (status,) = re.findall(r'jobStatus == "([A-Z_]+)"', branch["criteria"][0]["condition"])
+            expected = {"goto:searchImageSets": "success", "end": "failure", "goto:pollImportJob": "retry"}
+            key = branch["type"] if branch["type"] == "end" else f"goto:{branch['stepId']}"
+            assert acceptors[status] == expected[key], status
+
+    def test_a_param_per_workflow_input(
+        self, workflow: dict[str, Any], dag: Any, import_dag_module: Any
+    ) -> None:
+        inputs = workflow["inputs"]["properties"]
+        assert import_dag_module.WORKFLOW_INPUT_PARAMS == {name: snake(name) for name in inputs}
+        for name in inputs:
+            param = dag.params.get_param(snake(name))
+            assert name in (param.schema.get("title") or ""), name
+            assert "string" in param.schema["type"], name
+
+    def test_step_requests_map_to_operator_arguments(self, workflow: dict[str, Any], dag: Any) -> None:
+        """Every path parameter and payload member of a step is a templated argument of its task."""
+        for step in workflow["steps"]:
+            task = dag.get_task(STEP_TASKS[step["stepId"]][0])
+            names = [p["name"] for p in step.get("parameters", [])]
+            names += list((step.get("requestBody") or {}).get("payload") or {})
+            for name in names:
+                argument = snake(name)
+                assert argument in task.template_fields, (step["stepId"], argument)
+
+    def test_workflow_outputs_are_mapped(self, workflow: dict[str, Any]) -> None:
+        assert set(workflow["outputs"]) == set(OUTPUT_XCOMS)
+        for output, expression in workflow["outputs"].items():
+            step = expression.split(".")[1]
+            assert OUTPUT_XCOMS[output][0] == STEP_TASKS[step][0], output
+
+
+class TestResolveInputs:
+    """The pure resolution behind ``resolve_imports`` (the real-Airflow paths are tested further down)."""
+
+    @staticmethod
+    def variables(**overrides: str | None) -> Any:
+        values = {
+            "healthimaging_datastore_id": DATASTORE,
+            "healthimaging_data_access_role_arn": ROLE_ARN,
+            "healthimaging_output_s3_uri": OUTPUT,
+            "healthimaging_input_s3_uri_template": TEMPLATE,
+            **overrides,
+        }
+        return values.get
+
+    def test_scheduled_run_renders_the_template(self, import_dag_module: Any) -> None:
+        specs = import_dag_module.resolve_import_specs(
+            {}, self.variables(), lambda t: t.replace(TEMPLATE, "s3://bkt/x/")
+        )
+        assert [s["input_s3_uri"] for s in specs] == ["s3://bkt/x/"]
+        assert specs[0]["datastore_id"] == DATASTORE
+        assert specs[0]["data_access_role_arn"] == ROLE_ARN
+        assert specs[0]["output_s3_uri"] == OUTPUT
+        assert specs[0]["client_token"] is None
+
+    def test_params_win_and_prefixes_are_deduplicated(self, import_dag_module: Any) -> None:
+        params = {
+            "datastore_id": "f" * 32,
+            "input_s3_uri": "s3://dicom-bucket/a/",
+            "input_s3_uris": ["s3://dicom-bucket/a/", "s3://dicom-bucket/b/"],
+            "max_results": 10,
+            "max_failed_files": 2,
+            "include_phi": True,
+        }
+        specs = import_dag_module.resolve_import_specs(params, self.variables(), None)
+        assert [s["input_s3_uri"] for s in specs] == ["s3://dicom-bucket/a/", "s3://dicom-bucket/b/"]
+        assert {s["datastore_id"] for s in specs} == {"f" * 32}
+        assert {(s["max_results"], s["max_failed_files"], s["include_phi"]) for s in specs} == {(10, 2, True)}
+
+    def test_manual_run_without_interval_needs_a_prefix(self, import_dag_module: Any) -> None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        with pytest.raises(AirflowFailException, match="no data interval.*input_s3_uri"):
+            import_dag_module.resolve_import_specs({}, self.variables(), None)
+
+    @pytest.mark.parametrize(
+        ("variable", "value", "match"),
+        [
+            ("healthimaging_datastore_id", None, "datastore_id is not set.*healthimaging_datastore_id"),
+            ("healthimaging_datastore_id", "NOT-AN-ID", "datastore_id from Variable"),
+            (
+                "healthimaging_data_access_role_arn",
+                "arn:aws:iam::1:role/x",
+                "data_access_role_arn from Variable",
+            ),
+            ("healthimaging_output_s3_uri", "/tmp/out", "output_s3_uri from Variable"),
+            ("healthimaging_input_s3_uri_template", None, "healthimaging_input_s3_uri_template"),
+            ("healthimaging_input_s3_uri_template", "file:///x", "input_s3_uri from Variable"),
+        ],
+    )
+    def test_bad_configuration_is_refused(
+        self, import_dag_module: Any, variable: str, value: Any, match: str
+    ) -> None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        with pytest.raises(AirflowFailException, match=match):
+            import_dag_module.resolve_import_specs({}, self.variables(**{variable: value}), lambda t: t)
+
+    def test_one_client_token_cannot_name_several_imports(self, import_dag_module: Any) -> None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        params = {"client_token": "tok", "input_s3_uris": ["s3://dicom-bucket/a/", "s3://dicom-bucket/b/"]}
+        with pytest.raises(AirflowFailException, match="client_token"):
+            import_dag_module.resolve_import_specs(params, self.variables(), None)
+        single = import_dag_module.resolve_import_specs(
+            {**params, "input_s3_uris": ["s3://dicom-bucket/a/"]}, self.variables(), None
+        )
+        assert single[0]["client_token"] == "tok"
+
+
+BUCKET = "e2e-dicom"
+
+
+def prepare_endpoint(
+    endpoint: Any, monkeypatch: pytest.MonkeyPatch, prefixes: list[str]
+) -> tuple[str, Any, Any]:
+    """
+    Upload a small synthetic study per prefix, create an ACTIVE data store, point Airflow at the endpoint.
+
+    :return: the data store id, an S3 client and a medical-imaging client.
+    """
+    from healthimaging_local.sample_data import synthetic_study_files, upload
+
+    s3 = endpoint.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    for seed, prefix in enumerate(prefixes):
+        upload(synthetic_study_files(1, 1, 2, 2, seed=seed), s3, BUCKET, prefix)
+    mi = endpoint.client("medical-imaging")
+    datastore_id = str(mi.create_datastore(datastoreName="e2e")["datastoreId"])
+    deadline = time.monotonic() + 60
+    while mi.get_datastore(datastoreId=datastore_id)["datastoreProperties"]["datastoreStatus"] != "ACTIVE":
+        assert time.monotonic() < deadline, "data store did not become ACTIVE"
+        time.sleep(0.2)
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(endpoint.settings()["airflow_connection"]))
+    # Configuration as a deployment sets it: Airflow Variables from AIRFLOW_VAR_<NAME>.
+    monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_DATASTORE_ID", datastore_id)
+    monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_DATA_ACCESS_ROLE_ARN", ROLE_ARN)
+    monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_OUTPUT_S3_URI", f"s3://{BUCKET}/output/")
+    monkeypatch.setenv(
+        "AIRFLOW_VAR_HEALTHIMAGING_INPUT_S3_URI_TEMPLATE",
+        f"s3://{BUCKET}/incoming/{{{{ data_interval_start.strftime('%Y/%m/%d') }}}}/",
+    )
+    monkeypatch.setenv("HEALTHIMAGING_POKE_INTERVAL", "1")
+    return datastore_id, s3, mi
+
+
+def manifest_image_set_ids(s3: Any, job: dict[str, Any]) -> list[str]:
+    """The image-set ids in an import job's own output manifest."""
+    key = job["outputS3Uri"].split("/", 3)[3] + "job-output-manifest.json"
+    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    return [summary["imageSetId"] for summary in manifest["jobSummary"]["imageSetsSummary"]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_end_to_end_workflow_outputs_in_xcom(
+    airflow_db: Path, endpoint: Any, monkeypatch: pytest.MonkeyPatch, workflow: dict[str, Any]
+) -> None:
+    """A manual run over two prefixes, one mapped import each; XCom holds the workflow's outputs per import."""
+    prefixes = ["incoming/a/", "incoming/b/"]
+    datastore_id, s3, mi = prepare_endpoint(endpoint, monkeypatch, prefixes)
+    dag = load_dag_module(IMPORT_DAG_ID).dag
+    run = dag.test(logical_date=None, run_conf={"input_s3_uris": [f"s3://{BUCKET}/{p}" for p in prefixes]})
+
+    assert run.state == "success", task_states(run)
+    xcoms = run_xcoms(IMPORT_DAG_ID, run.run_id)
+    seen: set[str] = set()
+    for map_index, prefix in enumerate(prefixes):
+        outputs = {}
+        for name, (task_id, key, member) in OUTPUT_XCOMS.items():
+            value = xcoms[(task_id, map_index, key)]
+            outputs[name] = value[member] if member else value
+        assert set(outputs) == set(workflow["outputs"])
+        assert re.fullmatch(r"[0-9a-z]{32}", outputs["jobId"])
+        assert outputs["jobStatus"] == "COMPLETED"
+        job = mi.get_dicom_import_job(datastoreId=datastore_id, jobId=outputs["jobId"])["jobProperties"]
+        assert job["inputS3Uri"] == f"s3://{BUCKET}/{prefix}"
+        ids = xcoms[("import_dicom.search_image_sets", map_index, "imageSetIds")]
+        assert sorted(ids) == sorted(manifest_image_set_ids(s3, job))  # exactly this import's image sets
+        assert len(ids) == 2
+        assert outputs["firstImageSetId"] == ids[0]
+        assert [s["imageSetId"] for s in outputs["imageSetsMetadataSummaries"]] == ids
+        for summary in outputs["imageSetsMetadataSummaries"]:  # include_phi defaults to False
+            assert summary.get("DICOMTags", {}).get("DICOMPatientName") in (None, "***")
+        assert not seen & set(ids)
+        seen |= set(ids)
+
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run.run_id)).all()
+        extras = sorted((e.extra for e in events), key=lambda e: e["jobId"])
+    jobs = sorted(xcoms[("import_dicom.start_import_job", i, "jobId")] for i in range(len(prefixes)))
+    assert [e["jobId"] for e in extras] == jobs
+    assert all(e["datastoreId"] == datastore_id for e in extras)
+    assert {i for e in extras for i in e["imageSetIds"]} == seen
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_nightly_run_imports_its_data_intervals_prefix(
+    airflow_db: Path, endpoint: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No params: everything comes from Variables, the prefix from the run's data interval (as in a backfill)."""
+    datastore_id, s3, mi = prepare_endpoint(
+        endpoint, monkeypatch, ["incoming/2025/01/30/", "incoming/2025/01/31/"]
+    )
+    dag = load_dag_module(IMPORT_DAG_ID).dag
+    # CronDataIntervalTimetable("0 2 * * *"): the run at 2025-01-31 02:00 covers 2025-01-30 02:00 -> 01-31 02:00.
+    run = dag.test(logical_date=datetime(2025, 1, 31, 2, tzinfo=UTC))
+
+    assert run.state == "success", task_states(run)
+    xcoms = run_xcoms(IMPORT_DAG_ID, run.run_id)
+    specs = xcoms[("resolve_imports", -1, "return_value")]
+    assert [s["input_s3_uri"] for s in specs] == [f"s3://{BUCKET}/incoming/2025/01/30/"]
+    job_id = xcoms[("import_dicom.start_import_job", 0, "jobId")]
+    job = mi.get_dicom_import_job(datastoreId=datastore_id, jobId=job_id)["jobProperties"]
+    assert job["inputS3Uri"] == f"s3://{BUCKET}/incoming/2025/01/30/"
+    assert sorted(xcoms[("import_dicom.search_image_sets", 0, "imageSetIds")]) == sorted(
+        manifest_image_set_ids(s3, job)
+    )
+
+
+@pytest.mark.timeout(300)
+def test_manual_run_without_logical_date_or_prefix_is_refused(
+    airflow_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing names a prefix and there is no data interval: resolve_imports fails and nothing is imported."""
+    monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_DATASTORE_ID", DATASTORE)
+    monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_DATA_ACCESS_ROLE_ARN", ROLE_ARN)
+    monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_OUTPUT_S3_URI", OUTPUT)
+    monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_INPUT_S3_URI_TEMPLATE", TEMPLATE)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps({"conn_type": "aws", "extra": {"endpoint_url": "http://127.0.0.1:9"}}),
+    )
+    dag = load_dag_module(IMPORT_DAG_ID).dag
+    run = dag.test(logical_date=None, run_conf={})
+    assert run.state == "failed"
+    states = task_states(run)
+    assert states[("resolve_imports", -1)] == "failed"
+    assert [key for key, state in states.items() if key[0] != "resolve_imports" and state == "success"] == []
+
+
+def test_example_dag_reads_ids_from_asset_events(dagbag: Any) -> None:
+    """The downstream example collects ids per import from the events' extra, and ignores events without ids."""
+    from types import SimpleNamespace
+
+    module = load_dag_module("healthimaging_new_image_sets_example")
+    events = [
+        SimpleNamespace(extra={"datastoreId": DATASTORE, "jobId": "j1", "imageSetIds": ["a" * 32, "b" * 32]}),
+        SimpleNamespace(extra={"datastoreId": DATASTORE, "jobId": "j2", "imageSetIds": []}),
+        SimpleNamespace(extra=None),
+    ]
+    assert module.new_image_sets(events) == [
+        {"datastoreId": DATASTORE, "jobId": "j1", "imageSetIds": ["a" * 32, "b" * 32]}
+    ]
