@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import signal
@@ -12,8 +13,36 @@ from pathlib import Path
 from typing import Any
 
 
+def exposure_warning(host: str, verify_signatures: bool) -> str | None:
+    """The warning printed when the endpoint listens beyond loopback without authentication.
+
+    :param host: the address bound.
+    :param verify_signatures: whether signatures are checked.
+    """
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback or verify_signatures:
+        return None
+    return (
+        f"WARNING: healthimaging-local listens on {host} and has no authentication: anyone who can reach "
+        "this port can read and change its data (including PHI). Bind 127.0.0.1, or pass --verify-signatures "
+        "with --access-key AKID:SECRET."
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from healthimaging_local.auth import access_keys_from_env, parse_access_keys
     from healthimaging_local.server import LocalEndpoint, wait_forever
+
+    access_keys = parse_access_keys(args.access_key) or access_keys_from_env()
+    if args.verify_signatures and not access_keys:
+        print("healthimaging-local: --verify-signatures needs --access-key AKID:SECRET", file=sys.stderr)
+        return 2
+    warning = exposure_warning(args.host, args.verify_signatures)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
     stop = threading.Event()
 
@@ -30,9 +59,14 @@ def _serve(args: argparse.Namespace) -> int:
         throttle_rate=args.throttle_rate,
         max_concurrent_imports=args.max_concurrent_imports,
         seed=args.seed,
+        verify_signatures=args.verify_signatures,
+        access_keys=access_keys,
     )
     try:
         settings = endpoint.settings()
+        if args.verify_signatures:  # print where the secret goes, never the secret itself
+            settings["env"]["AWS_SECRET_ACCESS_KEY"] = "<secret key>"
+            settings["airflow_connection"]["password"] = "<secret key>"
         print(f"healthimaging-local: serving on {endpoint.url}", flush=True)
         print("# AWS CLI / environment:")
         for name, value in settings["env"].items():
@@ -40,7 +74,8 @@ def _serve(args: argparse.Namespace) -> int:
         print("# boto3:")
         print(
             f'boto3.client("medical-imaging", endpoint_url="{endpoint.url}", region_name="us-east-1",'
-            ' aws_access_key_id="test", aws_secret_access_key="test",'
+            f' aws_access_key_id="{settings["env"]["AWS_ACCESS_KEY_ID"]}",'
+            f' aws_secret_access_key="{settings["env"]["AWS_SECRET_ACCESS_KEY"]}",'
             " config=botocore.config.Config(inject_host_prefix=False))"
         )
         print("# Airflow connection (AIRFLOW_CONN_AWS_DEFAULT):")
@@ -65,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent-imports", type=int, default=100, help="running jobs per data store")
     serve.add_argument("--seed", type=int, default=None, help="seed of the fault injection")
     serve.add_argument("--log-level", default="WARNING")
+    serve.add_argument(
+        "--verify-signatures",
+        action="store_true",
+        help="check SigV4 signatures against the access keys (default: any credentials are accepted)",
+    )
+    serve.add_argument(
+        "--access-key",
+        action="append",
+        default=[],
+        metavar="AKID:SECRET",
+        help="an accepted access key (repeatable; default: env HEALTHIMAGING_LOCAL_ACCESS_KEYS, comma-separated)",
+    )
     serve.set_defaults(func=_serve)
     try:
         from healthimaging_local import sample_data

@@ -6,9 +6,11 @@ import hashlib
 import json
 import os
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
+from xml.sax.saxutils import escape
 
 from moto.s3.exceptions import MissingBucket
 from moto.s3.models import s3_backends
@@ -28,6 +30,28 @@ class S3Object:
 
     key: str
     size: int
+
+
+def encode_s3_error(status: int, code: str, message: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    """An S3 error response (XML ``<Error>``), as S3 sends it.
+
+    :param status: HTTP status.
+    :param code: the S3 error code (e.g. ``SignatureDoesNotMatch``).
+    :param message: the human readable message.
+    :return: HTTP status, headers and body.
+    """
+    request_id = str(uuid.uuid4())
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{escape(code)}</Code><Message>{escape(message)}</Message>"
+        f"<RequestId>{request_id}</RequestId></Error>"
+    ).encode()
+    headers = [
+        ("Content-Type", "application/xml"),
+        ("x-amz-request-id", request_id),
+        ("Content-Length", str(len(body))),
+    ]
+    return status, headers, body
 
 
 def backend() -> S3Backend:

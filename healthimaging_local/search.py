@@ -77,6 +77,13 @@ def _where(filters: list[dict[str, Any]]) -> tuple[list[str], list[Any]]:
     return clauses, params
 
 
+def _selective_equal(filters: list[dict[str, Any]]) -> bool:
+    """True when an EQUAL filter is on an indexed, selective column (every EQUAL attribute but isPrimary)."""
+    return any(
+        item["operator"] == "EQUAL" and next(iter(item["values"][0])) != "isPrimary" for item in filters
+    )
+
+
 def summary(row: Any) -> dict[str, Any]:
     """The ImageSetsMetadataSummary of an image_sets row.
 
@@ -106,19 +113,22 @@ def search_image_sets(store: Store, params: dict[str, Any]) -> dict[str, Any]:
     sort = criteria.get("sort")
     clauses, values = _where(filters)
     column = SORT_COLUMNS[sort["sortField"]] if sort else "updated_at"
+    # An EQUAL filter on a selective column matches few rows: stop SQLite from walking a sort-order index
+    # over the whole data store instead of the column's own index (unary + disqualifies an index).
+    plus = "+" if _selective_equal(filters) else ""
     descending = (sort["sortOrder"] == "DESC") if sort else True
     limit = params.get("maxResults") or max_results_default()
     scope = json.dumps(["SearchImageSets", params["datastoreId"], criteria], sort_keys=True, default=str)
     if params.get("nextToken"):
         last_value, last_id = store.decode_token(params["nextToken"], scope)
         compare = "<" if descending else ">"
-        clauses.append(f"({column}, id) {compare} (?, ?)")
+        clauses.append(f"({plus}{column}, {plus}id) {compare} (?, ?)")
         values.extend([last_value, last_id])
     order = "DESC" if descending else "ASC"
     sql = (
         "SELECT * FROM image_sets WHERE datastore_id = ? AND state = 'ACTIVE'"
         + "".join(f" AND {c}" for c in clauses)
-        + f" ORDER BY {column} {order}, id {order} LIMIT ?"
+        + f" ORDER BY {plus}{column} {order}, {plus}id {order} LIMIT ?"
     )
     rows = store.query(sql, [params["datastoreId"], *values, limit + 1])
     page = rows[:limit]

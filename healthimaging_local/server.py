@@ -23,6 +23,7 @@ from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.serving import make_server
 
+from healthimaging_local.auth import SignatureVerifier
 from healthimaging_local.importer import Importer
 from healthimaging_local.model import (
     REGION,
@@ -39,11 +40,11 @@ from healthimaging_local.model import (
     serialize_response,
 )
 from healthimaging_local.operations import Operations
-from healthimaging_local.s3 import S3Storage
+from healthimaging_local.s3 import S3Storage, encode_s3_error
 from healthimaging_local.store import Store
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Mapping
     from pathlib import Path
 
     from botocore.client import BaseClient
@@ -220,7 +221,21 @@ class PersistentS3App:
             status.append(int(status_line.split(" ", 1)[0]))
             return start_response(status_line, headers, exc_info)
 
-        result = self.app(environ, capture)
+        try:
+            result = self.app(environ, capture)
+        except Exception as error:
+            if status:
+                raise
+            # moto raises on some malformed requests (e.g. a POST to a key without a form): answer 400, not 500.
+            # The exception text is not logged: it may quote object keys, which can name patients.
+            log.warning(
+                "S3 emulation could not handle a %s request (%s)",
+                environ.get("REQUEST_METHOD"),
+                type(error).__name__,
+            )
+            code, headers, body = encode_s3_error(400, "InvalidRequest", "The request could not be handled")
+            start_response(f"{code} Bad Request", headers)
+            return [body]
         try:
             body = b"".join(result)
         finally:
@@ -239,19 +254,27 @@ class Dispatcher:
 
     :param healthimaging: the HealthImaging app.
     :param s3: the S3 app.
+    :param verifier: when given, every request must carry a valid SigV4 signature.
     """
 
-    def __init__(self, healthimaging: WsgiApp, s3: WsgiApp) -> None:
+    def __init__(
+        self, healthimaging: WsgiApp, s3: WsgiApp, verifier: SignatureVerifier | None = None
+    ) -> None:
         self.healthimaging = healthimaging
         self.s3 = s3
+        self.verifier = verifier
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         service = signed_service(environ)
-        if service == SERVICE_NAME or (service is None and is_service_path(raw_path(environ))):
-            result: Iterable[bytes] = self.healthimaging(environ, start_response)
-            return result
-        s3_result: Iterable[bytes] = self.s3(environ, start_response)
-        return s3_result
+        path = raw_path(environ)
+        to_healthimaging = service == SERVICE_NAME or (service is None and is_service_path(path))
+        app = self.healthimaging if to_healthimaging else self.s3
+        if self.verifier is not None:
+            return self.verifier(
+                environ, start_response, app, SERVICE_NAME if to_healthimaging else "s3", path
+            )
+        result: Iterable[bytes] = app(environ, start_response)
+        return result
 
 
 class AccessLogHandler(MotoRequestHandler):
@@ -282,6 +305,8 @@ class LocalEndpoint:
     :param seed: seed for fault injection.
     :param datastore_seconds: how long a new data store stays CREATING.
     :param delete_seconds: how long a deleted image set stays LOCKED/DELETING.
+    :param verify_signatures: check SigV4 on every request (else any credentials are accepted).
+    :param access_keys: access key id to secret key, when verifying signatures.
     """
 
     _active = 0
@@ -298,8 +323,14 @@ class LocalEndpoint:
         seed: int | None = None,
         datastore_seconds: float = 0.0,
         delete_seconds: float = 0.5,
+        verify_signatures: bool = False,
+        access_keys: Mapping[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir
+        self.access_key_id, self.secret_access_key = next(
+            iter((access_keys or {ACCESS_KEY_ID: SECRET_ACCESS_KEY}).items())
+        )
+        verifier = SignatureVerifier(access_keys or {}, MAX_BODY_BYTES) if verify_signatures else None
         self.store = Store(state_dir)
         self.s3 = S3Storage(state_dir / "s3")
         with LocalEndpoint._active_lock:
@@ -311,6 +342,7 @@ class LocalEndpoint:
         app = Dispatcher(
             HealthImagingApp(self.store, self.operations, self.importer, throttle_rate, seed),
             PersistentS3App(self.s3),
+            verifier,
         )
         self._server = make_server(host, port, app, threaded=True, request_handler=AccessLogHandler)
         self._server.daemon_threads = True  # type: ignore[attr-defined]
@@ -332,7 +364,7 @@ class LocalEndpoint:
         self.stop()
 
     def client(self, service: str, **config: Any) -> BaseClient:
-        """A boto3 client for this endpoint (us-east-1, dummy credentials, no host prefix).
+        """A boto3 client for this endpoint (us-east-1, the first access key or dummy credentials, no host prefix).
 
         :param service: e.g. ``"medical-imaging"`` or ``"s3"``.
         :param config: extra ``botocore.config.Config`` keyword arguments.
@@ -345,14 +377,14 @@ class LocalEndpoint:
             service,  # type: ignore[call-overload]
             endpoint_url=self.url,
             region_name=REGION,
-            aws_access_key_id=ACCESS_KEY_ID,
-            aws_secret_access_key=SECRET_ACCESS_KEY,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
             config=Config(**options),
         )
 
     def settings(self) -> dict[str, Any]:
         """What a client needs: env vars for the AWS CLI, boto3 arguments and the Airflow connection."""
-        return endpoint_settings(self.url)
+        return endpoint_settings(self.url, self.access_key_id, self.secret_access_key)
 
     def stop(self) -> None:
         """Stop serving and the import workers (idempotent); unfinished jobs resume at the next start."""
@@ -368,31 +400,35 @@ class LocalEndpoint:
             LocalEndpoint._active -= 1
 
 
-def endpoint_settings(url: str) -> dict[str, Any]:
+def endpoint_settings(
+    url: str, access_key_id: str = ACCESS_KEY_ID, secret_access_key: str = SECRET_ACCESS_KEY
+) -> dict[str, Any]:
     """Client settings for an endpoint URL.
 
     :param url: the endpoint URL.
+    :param access_key_id: the access key id clients use.
+    :param secret_access_key: its secret key.
     """
     return {
         "endpoint_url": url,
         "env": {
             "AWS_ENDPOINT_URL": url,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
-            "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+            "AWS_ACCESS_KEY_ID": access_key_id,
+            "AWS_SECRET_ACCESS_KEY": secret_access_key,
             "AWS_DEFAULT_REGION": REGION,
             "AWS_DISABLE_HOST_PREFIX_INJECTION": "true",
         },
         "boto3": {
             "endpoint_url": url,
             "region_name": REGION,
-            "aws_access_key_id": ACCESS_KEY_ID,
-            "aws_secret_access_key": SECRET_ACCESS_KEY,
+            "aws_access_key_id": access_key_id,
+            "aws_secret_access_key": secret_access_key,
             "config_kwargs": {"inject_host_prefix": False},
         },
         "airflow_connection": {
             "conn_type": "aws",
-            "login": ACCESS_KEY_ID,
-            "password": SECRET_ACCESS_KEY,
+            "login": access_key_id,
+            "password": secret_access_key,
             "extra": {
                 "region_name": REGION,
                 "endpoint_url": url,
