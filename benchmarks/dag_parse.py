@@ -99,8 +99,12 @@ def main() -> int:
 
     result = {
         "benchmark": "dag_parse",
-        "command": "python benchmarks/dag_parse.py --rounds %d" % args.rounds,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "command": f"python benchmarks/dag_parse.py --rounds {args.rounds}",
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
         "rounds": args.rounds,
         "dag_file_median_s": round(statistics.median(ours), 4),
         "empty_dag_median_s": round(statistics.median(reference), 4),
