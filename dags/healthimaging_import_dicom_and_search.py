@@ -72,14 +72,18 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pendulum
-from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, XComArg, task, task_group
+from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, XComArg
+
+# Imported from their module, not from ``airflow.sdk``: the dag-processor pre-imports the ``airflow.*`` modules a
+# DAG file names before it forks a parser, so the decorators' import chain is paid once, not at every parse.
+from airflow.sdk.definitions.decorators import task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from healthimaging.operators import SearchImageSetsOperator, StartDICOMImportOperator
 from healthimaging.sensors import DICOMImportJobSensor
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Mapping
 
 DAG_ID = "healthimaging_import_dicom_and_search"
 
@@ -114,6 +118,68 @@ _S3_URI_SCHEMA: dict[str, Any] = {
 }
 _JOB_NAME_SCHEMA: dict[str, Any] = {"pattern": "^[A-Za-z0-9._/#-]+$", "minLength": 1, "maxLength": 64}
 _CLIENT_TOKEN_SCHEMA: dict[str, Any] = {"pattern": "^[A-Za-z0-9._-]+$", "minLength": 1, "maxLength": 64}
+#: SearchImageSets ``searchCriteria`` as JSON schema, so the trigger form refuses malformed criteria. A literal
+#: (a Param cannot read the botocore model without importing botocore at parse time); a test keeps the attribute
+#: list equal to the model's ``SearchByAttributeValue`` members. EQUAL/BETWEEN value counts and the attributes
+#: BETWEEN takes are checked in ``resolve_imports`` (``healthimaging.validation.parse_search_criteria``).
+SEARCH_ATTRIBUTE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "DICOMPatientId": {"type": "string", "maxLength": 512},
+    "DICOMAccessionNumber": {"type": "string", "maxLength": 512},
+    "DICOMStudyId": {"type": "string", "maxLength": 512},
+    "DICOMStudyInstanceUID": {"type": "string", "maxLength": 512, "pattern": "^[0-9.]*$"},
+    "DICOMSeriesInstanceUID": {"type": "string", "maxLength": 512, "pattern": "^[0-9.]*$"},
+    "createdAt": {"type": ["string", "number"]},
+    "updatedAt": {"type": ["string", "number"]},
+    "DICOMStudyDateAndTime": {
+        "type": "object",
+        "properties": {
+            "DICOMStudyDate": {"type": "string", "maxLength": 36},
+            "DICOMStudyTime": {"type": "string", "maxLength": 56},
+        },
+        "required": ["DICOMStudyDate"],
+        "additionalProperties": False,
+    },
+    "isPrimary": {"type": "boolean"},
+}
+_SEARCH_CRITERIA_SCHEMA: dict[str, Any] = {
+    "properties": {
+        "filters": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 2,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "operator": {"enum": ["EQUAL", "BETWEEN"]},
+                    "values": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 2,
+                        "items": {
+                            "type": "object",
+                            "properties": SEARCH_ATTRIBUTE_SCHEMAS,
+                            "minProperties": 1,
+                            "maxProperties": 1,
+                            "additionalProperties": False,
+                        },
+                    },
+                },
+                "required": ["operator", "values"],
+                "additionalProperties": False,
+            },
+        },
+        "sort": {
+            "type": "object",
+            "properties": {
+                "sortOrder": {"enum": ["ASC", "DESC"]},
+                "sortField": {"enum": ["updatedAt", "createdAt", "DICOMStudyDateAndTime"]},
+            },
+            "required": ["sortOrder", "sortField"],
+            "additionalProperties": False,
+        },
+    },
+    "additionalProperties": False,
+}
 _CONFIGURABLE = "Empty: taken from the Airflow Variable `{}` (or env `AIRFLOW_VAR_{}`)."
 
 
@@ -194,8 +260,11 @@ PARAMS: dict[str, Param] = {
         {},
         type="object",
         title="Search criteria",
-        description="The workflow's SearchImageSets `searchCriteria`. This DAG lists exactly the image sets of "
-        "its own import (from the job's output manifest), where criteria are not applied: keep {}. Never logged.",
+        description="The workflow's SearchImageSets `searchCriteria`: 1-2 `filters` (`EQUAL` with one value, "
+        "`BETWEEN` with two, on one attribute) and an optional `sort`. Empty {}: all image sets of each import "
+        "(from its output manifest). Else: only those of the import's image sets that the search matches, in "
+        "the search's order. Never logged.",
+        **_SEARCH_CRITERIA_SCHEMA,
     ),
     "max_results": Param(
         50,
@@ -238,6 +307,20 @@ def _check(name: str, value: Any, source: str) -> Any:
     except ValidationError as err:
         raise AirflowFailException(f"{name} from {source} is invalid: {err.message}") from None
     return value
+
+
+def _check_search_criteria(criteria: Any) -> None:
+    """
+    Refuse search criteria the API would refuse, before any import job starts (the message names no value).
+
+    :param criteria: the run's ``search_criteria`` param.
+    """
+    from healthimaging.validation import parse_search_criteria
+
+    try:
+        parse_search_criteria(criteria)
+    except ValueError as err:
+        raise AirflowFailException(f"param search_criteria is invalid: {err}") from None
 
 
 def resolve_import_specs(
@@ -298,6 +381,7 @@ def resolve_import_specs(
             f"{len(prefixes)} prefixes: leave it empty and each import gets its own per-run token."
         )
     job_name = params.get("job_name") or None
+    _check_search_criteria(params.get("search_criteria"))
     max_results = params.get("max_results", 50)
     _check("max_results", max_results, "param max_results")
     max_failed_files = params.get("max_failed_files")
@@ -362,22 +446,6 @@ def publish_image_sets(
     return ids
 
 
-class ImportJobSensor(DICOMImportJobSensor):
-    """``DICOMImportJobSensor`` whose ``max_failed_files`` is templated, so each import takes the run's param."""
-
-    template_fields: Sequence[str] = tuple(
-        dict.fromkeys((*DICOMImportJobSensor.template_fields, "max_failed_files"))
-    )
-
-
-class ImportImageSetsOperator(SearchImageSetsOperator):
-    """``SearchImageSetsOperator`` whose ``include_phi`` is templated, so each import takes the run's param."""
-
-    template_fields: Sequence[str] = tuple(
-        dict.fromkeys((*SearchImageSetsOperator.template_fields, "include_phi"))
-    )
-
-
 @task_group(group_id="import_dicom")
 def import_dicom(
     datastore_id: str,
@@ -411,7 +479,7 @@ def import_dicom(
     # [END howto_operator_start_dicom_import]
     job_id: Any = start.output  # the job id, resolved per map index at run time
     # [START howto_sensor_dicom_import_job]
-    wait = ImportJobSensor(
+    wait = DICOMImportJobSensor(
         task_id="wait_for_import_job",
         datastore_id=datastore_id,
         job_id=job_id,
@@ -428,7 +496,7 @@ def import_dicom(
     )
     # [END howto_sensor_dicom_import_job]
     # [START howto_operator_search_image_sets]
-    search = ImportImageSetsOperator(
+    search = SearchImageSetsOperator(
         task_id="search_image_sets",
         datastore_id=datastore_id,
         search_criteria="{{ params.search_criteria | tojson }}",

@@ -365,11 +365,6 @@ def test_bad_input_gives_its_exact_error(case: Case, live: Live, import_dag: Any
         ),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="DAG gap: the search_criteria Param is a bare {'type': 'object'}, so malformed criteria pass the "
-    "trigger form and fail only in search_image_sets, after the import job ran (see report)",
-)
 def test_malformed_search_criteria_param_is_refused_at_trigger(
     criteria: dict[str, Any], import_dag: Any
 ) -> None:

@@ -1,16 +1,101 @@
-"""AWS console links for HealthImaging data stores and import jobs."""
+"""
+AWS console links for HealthImaging data stores and import jobs.
+
+The links behave as the Amazon provider's ``BaseAwsLink`` (same ``persist``/``get_link``, same XCom value), but
+build on ``airflow.sdk.BaseOperatorLink``: the provider's links module imports botocore, which a DAG file would
+then pay for at every parse.
+"""
 
 from __future__ import annotations
 
-from airflow.providers.amazon.aws.links.base_aws import BaseAwsLink
+import logging
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.sdk import BaseOperatorLink
+
+if TYPE_CHECKING:
+    from airflow.sdk import BaseOperator, Context
+    from airflow.sdk.types import TaskInstanceKey
+
+log = logging.getLogger(__name__)
 
 HEALTHIMAGING_CONSOLE = (
     "https://{region_name}.console.{aws_domain}/medical-imaging/home?region={region_name}"
     "#/data-stores/{datastore_id}"
 )
+#: AWS partition -> console domain (as in the Amazon provider's links).
+AWS_DOMAINS = {"aws": "aws.amazon.com", "aws-cn": "amazonaws.cn", "aws-us-gov": "amazonaws-us-gov.com"}
 
 
-class HealthImagingDatastoreLink(BaseAwsLink):
+class HealthImagingLink(BaseOperatorLink):
+    """A console link whose arguments a task stores in XCom under ``key`` (see :meth:`persist`)."""
+
+    name: ClassVar[str]
+    key: ClassVar[str]
+    format_str: ClassVar[str]
+
+    @staticmethod
+    def get_aws_domain(aws_partition: str | None) -> str | None:
+        """
+        Return the console domain of an AWS partition, None if unknown.
+
+        :param aws_partition: e.g. ``aws``, ``aws-cn``, ``aws-us-gov``
+        """
+        return AWS_DOMAINS.get(aws_partition or "")
+
+    def format_link(self, **kwargs: Any) -> str:
+        """Fill ``format_str``; an empty string when an argument is missing."""
+        try:
+            return self.format_str.format(**kwargs)
+        except KeyError:
+            return ""
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        """
+        Return the link stored by :meth:`persist` for one task instance; empty if none or on any error.
+
+        :param operator: the operator
+        :param ti_key: the task instance
+        """
+        try:
+            from airflow.sdk.execution_time.xcom import XCom
+
+            conf = XCom.get_value(key=self.key, ti_key=ti_key)
+            return self.format_link(**conf) if conf else ""
+        except Exception:
+            log.debug("Could not build the %s link", self.name, exc_info=True)
+            return ""
+
+    @classmethod
+    def persist(
+        cls,
+        context: Context,
+        operator: BaseOperator,
+        region_name: str,
+        aws_partition: str,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Store the link's arguments in XCom (skipped when the operator does not push XCom; never raises).
+
+        :param context: the task context
+        :param operator: the operator
+        :param region_name: the AWS region
+        :param aws_partition: the AWS partition
+        :param kwargs: the other ``format_str`` arguments
+        """
+        if not operator.do_xcom_push:
+            return
+        try:
+            context["ti"].xcom_push(
+                key=cls.key,
+                value={"region_name": region_name, "aws_domain": cls.get_aws_domain(aws_partition), **kwargs},
+            )
+        except Exception:
+            log.debug("Could not store the %s link", cls.key, exc_info=True)
+
+
+class HealthImagingDatastoreLink(HealthImagingLink):
     """Link to a HealthImaging data store in the AWS console."""
 
     name = "HealthImaging Data Store"
@@ -18,7 +103,7 @@ class HealthImagingDatastoreLink(BaseAwsLink):
     format_str = HEALTHIMAGING_CONSOLE
 
 
-class HealthImagingImportJobLink(BaseAwsLink):
+class HealthImagingImportJobLink(HealthImagingLink):
     """Link to a DICOM import job of a HealthImaging data store in the AWS console."""
 
     name = "HealthImaging Import Job"

@@ -9,23 +9,11 @@ from datetime import UTC, datetime, timedelta
 from time import sleep
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.amazon.aws.exceptions import WaiterTerminalFailure
-from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
-from airflow.providers.amazon.aws.utils import validate_execute_complete_event
-from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
-from airflow.providers.amazon.aws.utils.waiter_with_logging import wait
-from airflow.providers.common.compat.sdk import AirflowException, conf
-from botocore.exceptions import ClientError
+from airflow.sdk import BaseOperator, conf
+from airflow.sdk.exceptions import AirflowException
 
-from healthimaging.hooks import (
-    IMPORT_JOB_WAITER,
-    HealthImagingHook,
-    check_failed_files,
-    import_job_states,
-    to_iso,
-)
+from healthimaging.base import HealthImagingAwsMixin, aws_template_fields
 from healthimaging.links import HealthImagingDatastoreLink, HealthImagingImportJobLink
-from healthimaging.triggers import DICOMImportJobTrigger
 from healthimaging.validation import (
     check_import_parameters,
     check_parameter,
@@ -81,7 +69,7 @@ def _map_index(context: Context) -> int | None:
     return map_index if isinstance(map_index, int) else None
 
 
-class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
+class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
     """
     Start a DICOM import job from S3 into a HealthImaging data store; return its job id.
 
@@ -89,6 +77,11 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
     cleared task gets the job it already started instead of importing twice. Inputs are checked against
     the API's patterns before any AWS call. Pushes XCom keys ``jobId``, ``jobStatus``, ``submittedAt``
     and ``datastoreId``; ``return_value`` is the job id.
+
+    Built on ``airflow.sdk.BaseOperator`` with :class:`~healthimaging.base.HealthImagingAwsMixin` rather than
+    the Amazon provider's internal ``AwsBaseOperator``, whose module imports boto3 and botocore: a DAG file
+    using this operator would pay for them at every parse. The interface (AWS arguments, ``hook``,
+    templated AWS fields) is the same; boto3 is imported when the task runs.
 
     :param datastore_id: the data store id (templated)
     :param data_access_role_arn: IAM role the service assumes to read input and write output (templated)
@@ -102,6 +95,7 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
     :param waiter_max_attempts: the most polls
     :param deferrable: wait in the triggerer (needs aiobotocore)
     :param max_failed_files: when waiting, fail a COMPLETED job with more failed files; None only warns
+        (templated; a rendered string such as ``"3"`` or ``"None"`` is parsed)
     :param check_input_quota: count objects and bytes under the input prefix first and refuse a prefix
         above the per-job quotas (5,000 files, 10 GB)
     :param start_retries: retries of StartDICOMImportJob on throttling or ServiceQuotaExceeded
@@ -111,7 +105,6 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
     :param botocore_config: botocore client configuration (dict)
     """
 
-    aws_hook_class = HealthImagingHook
     template_fields: Sequence[str] = aws_template_fields(
         "datastore_id",
         "data_access_role_arn",
@@ -119,6 +112,7 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
         "output_s3_uri",
         "job_name",
         "client_token",
+        "max_failed_files",
     )
     operator_extra_links = (HealthImagingDatastoreLink(), HealthImagingImportJobLink())
     ui_color = "#66c3ff"
@@ -162,6 +156,8 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
         self.start_retries = start_retries
 
     def execute(self, context: Context) -> str:
+        from healthimaging.hooks import to_iso
+
         ti = context["ti"]
         map_index = _map_index(context)
         client_token = self.client_token or default_client_token(
@@ -199,7 +195,7 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
         ti.xcom_push(key="jobStatus", value=response["jobStatus"])
         ti.xcom_push(key="submittedAt", value=to_iso(response.get("submittedAt")))
         ti.xcom_push(key="datastoreId", value=self.datastore_id)
-        link_args = {
+        link_args: dict[str, Any] = {
             "context": context,
             "operator": self,
             "region_name": self.hook.conn_region_name,
@@ -210,6 +206,8 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
         HealthImagingImportJobLink.persist(**link_args, job_id=job_id)
 
         if self.deferrable:
+            from healthimaging.triggers import DICOMImportJobTrigger
+
             self.defer(
                 trigger=DICOMImportJobTrigger(
                     datastore_id=self.datastore_id,
@@ -230,6 +228,8 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
         return job_id
 
     def _start_with_retries(self, request: dict[str, Any]) -> dict[str, Any]:
+        from botocore.exceptions import ClientError
+
         for attempt in range(self.start_retries + 1):
             try:
                 return self.hook.conn.start_dicom_import_job(**request)
@@ -285,6 +285,11 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
         )
 
     def _wait(self, job_id: str) -> None:
+        from airflow.providers.amazon.aws.exceptions import WaiterTerminalFailure
+        from airflow.providers.amazon.aws.utils.waiter_with_logging import wait
+
+        from healthimaging.hooks import IMPORT_JOB_WAITER
+
         try:
             wait(
                 waiter=self.hook.get_waiter(IMPORT_JOB_WAITER),
@@ -300,6 +305,8 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
             raise AirflowException(self.hook.failed_job_message(job)) from None
 
     def _check_completed(self, job_id: str) -> None:
+        from healthimaging.hooks import check_failed_files, import_job_states
+
         job = self.hook.get_import_job(self.datastore_id, job_id)
         if job["jobStatus"] in import_job_states()["failure"]:
             raise AirflowException(self.hook.failed_job_message(job))
@@ -312,6 +319,10 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
             self.log.warning("%s", warning)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> str:
+        from airflow.providers.amazon.aws.utils import validate_execute_complete_event
+
+        from healthimaging.hooks import import_job_states
+
         event = validate_execute_complete_event(event)
         job_id = event.get("job_id") or context["ti"].xcom_pull(task_ids=self.task_id, key="jobId")
         if event["status"] != "success":
@@ -323,7 +334,7 @@ class StartDICOMImportOperator(AwsBaseOperator[HealthImagingHook]):
         return job_id
 
 
-class SearchImageSetsOperator(AwsBaseOperator[HealthImagingHook]):
+class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
     """
     Search the image sets of a data store, or list exactly the image sets one import job created or updated.
 
@@ -331,22 +342,27 @@ class SearchImageSetsOperator(AwsBaseOperator[HealthImagingHook]):
     and ``nextToken``. Patient identifiers in ``DICOMTags`` are masked unless ``include_phi`` is True;
     search criteria are never logged.
 
+    Built on ``airflow.sdk.BaseOperator`` with :class:`~healthimaging.base.HealthImagingAwsMixin` rather than
+    the Amazon provider's internal ``AwsBaseOperator`` (whose module imports boto3 and botocore at DAG parse
+    time), with the same interface.
+
     :param datastore_id: the data store id (templated)
     :param search_criteria: SearchImageSets ``searchCriteria``, a dict or a JSON string (templated)
     :param max_results: page size, 1-50 (templated)
     :param import_job_id: return the image sets of this import job (from its output manifest) instead of
-        searching with ``search_criteria`` (templated)
+        searching the whole data store; with ``search_criteria``, only those the search matches, in the
+        search's order (templated)
     :param all_pages: follow ``nextToken`` to the last page (default: first page only)
-    :param include_phi: keep patient name, id, birth date and accession number in XCom
+    :param include_phi: keep patient name, id, birth date and accession number in XCom (templated; a
+        rendered ``"True"``/``"False"`` is parsed strictly)
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates
     :param botocore_config: botocore client configuration (dict)
     """
 
-    aws_hook_class = HealthImagingHook
     template_fields: Sequence[str] = aws_template_fields(
-        "datastore_id", "search_criteria", "max_results", "import_job_id"
+        "datastore_id", "search_criteria", "max_results", "import_job_id", "include_phi"
     )
     template_fields_renderers = {"search_criteria": "json"}
     operator_extra_links = (HealthImagingDatastoreLink(),)
@@ -380,9 +396,9 @@ class SearchImageSetsOperator(AwsBaseOperator[HealthImagingHook]):
         all_pages = coerce_bool("all_pages", self.all_pages)
 
         if self.import_job_id:
-            if criteria:
-                self.log.warning("import_job_id is set: search_criteria is ignored")
             summaries, next_token = self._import_job_image_sets(self.import_job_id, max_results), None
+            if criteria:
+                summaries = self._matching(summaries, criteria, max_results)
         else:
             summaries, next_token = self._search(criteria, max_results, all_pages)
         HealthImagingDatastoreLink.persist(
@@ -415,6 +431,20 @@ class SearchImageSetsOperator(AwsBaseOperator[HealthImagingHook]):
             return list(response.get("imageSetsMetadataSummaries", [])), response.get("nextToken")
         return self._search_all(criteria, max_results), None
 
+    def _matching(
+        self, summaries: list[dict[str, Any]], criteria: dict[str, Any], max_results: int
+    ) -> list[dict[str, Any]]:
+        """The image sets among ``summaries`` that a search with ``criteria`` finds, in the search's order."""
+        wanted = {summary["imageSetId"] for summary in summaries}
+        matching: dict[str, dict[str, Any]] = {}
+        for summary in self._search_all(criteria, max_results):
+            if summary["imageSetId"] in wanted:
+                matching.setdefault(summary["imageSetId"], summary)
+        self.log.info(
+            "search_criteria matched %d of the import job's %d image set(s)", len(matching), len(wanted)
+        )
+        return list(matching.values())
+
     def _search_all(self, criteria: dict[str, Any], max_results: int) -> list[dict[str, Any]]:
         paginator = self.hook.conn.get_paginator("search_image_sets")
         summaries: list[dict[str, Any]] = []
@@ -434,6 +464,8 @@ class SearchImageSetsOperator(AwsBaseOperator[HealthImagingHook]):
         image sets updated again since then are found by widening the window to now; any still
         missing (e.g. deleted since) fall back to GetImageSet, which carries no DICOM tags.
         """
+        from healthimaging.hooks import import_job_states
+
         job = self.hook.get_import_job(self.datastore_id, job_id)
         if job["jobStatus"] not in import_job_states()["success"]:
             raise AirflowException(f"DICOM import job {job_id} is {job['jobStatus']}, not COMPLETED")
@@ -477,6 +509,8 @@ class SearchImageSetsOperator(AwsBaseOperator[HealthImagingHook]):
 
 def _for_xcom(summary: dict[str, Any], include_phi: bool) -> dict[str, Any]:
     """ISO datetimes; patient identifiers in ``DICOMTags`` masked unless ``include_phi``."""
+    from healthimaging.hooks import to_iso
+
     summary = to_iso(summary)
     tags = summary.get("DICOMTags")
     if not include_phi and isinstance(tags, dict):

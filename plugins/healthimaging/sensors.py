@@ -7,13 +7,10 @@ from datetime import timedelta
 from time import sleep
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.amazon.aws.sensors.base_aws import AwsBaseSensor
-from airflow.providers.amazon.aws.utils import validate_execute_complete_event
-from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
-from airflow.providers.common.compat.sdk import AirflowException, PokeReturnValue
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk.exceptions import AirflowException
 
-from healthimaging.hooks import HealthImagingHook, check_failed_files, import_job_states, is_transient_error
-from healthimaging.triggers import DICOMImportJobTrigger
+from healthimaging.base import HealthImagingAwsMixin, aws_template_fields
 from healthimaging.validation import check_parameter, coerce_optional_count
 
 if TYPE_CHECKING:
@@ -22,7 +19,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 
-class DICOMImportJobSensor(AwsBaseSensor[HealthImagingHook]):
+class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
     """
     Wait for a DICOM import job to end; fail on FAILED, succeed on COMPLETED after reading its manifest.
 
@@ -31,10 +28,16 @@ class DICOMImportJobSensor(AwsBaseSensor[HealthImagingHook]):
     ``endedAt``, ``outputS3Uri``, the manifest counts and ``failedFiles`` (input file keys and exception
     types of the first failed files).
 
+    Built on ``airflow.sdk.BaseSensorOperator`` with :class:`~healthimaging.base.HealthImagingAwsMixin` rather
+    than the Amazon provider's internal ``AwsBaseSensor``, whose module imports boto3 and botocore: a DAG file
+    using this sensor would pay for them at every parse. The interface (AWS arguments, ``hook``, templated AWS
+    fields) is the same; boto3 is imported when the task runs.
+
     :param datastore_id: the data store id (templated)
     :param job_id: the import job id (templated)
     :param deferrable: wait in the triggerer instead of a worker slot (default True)
     :param max_failed_files: fail a COMPLETED job with more failed files than this; None only warns
+        (templated; a rendered string such as ``"3"`` or ``"None"`` is parsed)
     :param first_poke_jitter: wait up to this many seconds (random) before the first check, to spread
         many sensors started together
     :param aws_conn_id: the Airflow connection used for AWS credentials
@@ -43,8 +46,7 @@ class DICOMImportJobSensor(AwsBaseSensor[HealthImagingHook]):
     :param botocore_config: botocore client configuration (dict)
     """
 
-    aws_hook_class = HealthImagingHook
-    template_fields: Sequence[str] = aws_template_fields("datastore_id", "job_id")
+    template_fields: Sequence[str] = aws_template_fields("datastore_id", "job_id", "max_failed_files")
     ui_color = "#66c3ff"
 
     def __init__(
@@ -77,6 +79,8 @@ class DICOMImportJobSensor(AwsBaseSensor[HealthImagingHook]):
         poke_return = self.poke(context)
         if isinstance(poke_return, PokeReturnValue):
             return poke_return.xcom_value
+        from healthimaging.triggers import DICOMImportJobTrigger
+
         self.defer(
             trigger=DICOMImportJobTrigger(
                 datastore_id=self.datastore_id,
@@ -100,6 +104,8 @@ class DICOMImportJobSensor(AwsBaseSensor[HealthImagingHook]):
         sleep(random.uniform(0, self.first_poke_jitter))
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
+        from healthimaging.hooks import check_failed_files, import_job_states, is_transient_error
+
         try:
             job = self.hook.get_import_job(self.datastore_id, self.job_id)
         except Exception as error:
@@ -126,6 +132,10 @@ class DICOMImportJobSensor(AwsBaseSensor[HealthImagingHook]):
         return PokeReturnValue(is_done=True, xcom_value=result)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        from airflow.providers.amazon.aws.utils import validate_execute_complete_event
+
+        from healthimaging.hooks import check_failed_files, import_job_states
+
         event = validate_execute_complete_event(event)
         job = self.hook.get_import_job(self.datastore_id, self.job_id)
         if event["status"] != "success":

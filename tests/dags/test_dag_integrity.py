@@ -20,7 +20,16 @@ VALID_CONF: dict[str, Any] = {
     "output_s3_uri": "s3://dicom-bucket/import-output/",
     "job_name": "nightly.2025-01-31",
     "client_token": "token-1.0_x",
-    "search_criteria": {"filters": []},
+    "search_criteria": {
+        "filters": [
+            {"operator": "EQUAL", "values": [{"DICOMStudyInstanceUID": "1.2.840.1"}]},
+            {
+                "operator": "BETWEEN",
+                "values": [{"createdAt": "2025-01-01T00:00:00Z"}, {"createdAt": 1767225600}],
+            },
+        ],
+        "sort": {"sortOrder": "DESC", "sortField": "createdAt"},
+    },
     "max_results": 25,
     "include_phi": False,
     "max_failed_files": 0,
@@ -168,6 +177,24 @@ class TestParams:
             ("include_phi", "yes"),
             ("max_failed_files", -1),
             ("search_criteria", []),
+            ("search_criteria", {"filters": []}),
+            ("search_criteria", {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientName": "x"}]}]}),
+            ("search_criteria", {"filters": [{"operator": "LIKE", "values": [{"DICOMPatientId": "x"}]}]}),
+            ("search_criteria", {"filters": [{"operator": "EQUAL", "values": [{"isPrimary": "yes"}]}]}),
+            (
+                "search_criteria",
+                {
+                    "filters": [
+                        {"operator": "EQUAL", "values": [{"DICOMPatientId": "x", "DICOMStudyId": "y"}]}
+                    ]
+                },
+            ),
+            (
+                "search_criteria",
+                {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": "x"}]}] * 3},
+            ),
+            ("search_criteria", {"sort": {"sortOrder": "UP", "sortField": "createdAt"}}),
+            ("search_criteria", {"where": 1}),
         ],
     )
     def test_bad_value_refused(self, serialized_dag: Any, name: str, value: Any) -> None:
@@ -175,6 +202,24 @@ class TestParams:
 
         with pytest.raises(ParamValidationError, match=name):
             self.validate(serialized_dag, {**VALID_CONF, name: value})
+
+    def test_search_criteria_schema_matches_the_service_model(self, import_dag_module: Any) -> None:
+        """The literal schema in the DAG names exactly the model's search attributes, operators and sort enums."""
+        import botocore.session
+
+        model = botocore.session.get_session().get_service_model("medical-imaging")
+        schema = import_dag_module.PARAMS["search_criteria"].schema
+        search_filter = schema["properties"]["filters"]["items"]
+        value = search_filter["properties"]["values"]["items"]
+        assert list(value["properties"]) == list(model.shape_for("SearchByAttributeValue").members)
+        assert set(value["properties"]["DICOMStudyDateAndTime"]["properties"]) == set(
+            model.shape_for("DICOMStudyDateAndTime").members
+        )
+        assert search_filter["properties"]["operator"]["enum"] == model.shape_for("Operator").enum
+        assert set(schema["properties"]) == set(model.shape_for("SearchCriteria").members)
+        sort = schema["properties"]["sort"]["properties"]
+        for key, member in model.shape_for("Sort").members.items():
+            assert sort[key]["enum"] == member.enum, key
 
     def test_every_param_explains_itself(self, dagbag: Any) -> None:
         params = dagbag.dags[IMPORT_DAG_ID].params

@@ -214,6 +214,45 @@ class TestResolveInputs:
         with pytest.raises(AirflowFailException, match=match):
             import_dag_module.resolve_import_specs({}, self.variables(**{variable: value}), lambda t: t)
 
+    @pytest.mark.parametrize(
+        ("criteria", "match"),
+        [
+            (
+                {
+                    "filters": [
+                        {
+                            "operator": "BETWEEN",
+                            "values": [{"DICOMPatientId": "P1"}, {"DICOMPatientId": "P2"}],
+                        }
+                    ]
+                },
+                "BETWEEN applies only to",
+            ),
+            (
+                {"filters": [{"operator": "EQUAL", "values": [{"createdAt": 1}, {"createdAt": 2}]}]},
+                "EQUAL takes",
+            ),
+            ("{not json", "not valid JSON"),
+        ],
+    )
+    def test_search_criteria_checked_before_any_import(
+        self, import_dag_module: Any, criteria: Any, match: str
+    ) -> None:
+        """Criteria the schema lets through but the API refuses fail resolve_imports, naming no value."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        params = {"input_s3_uri": "s3://dicom-bucket/a/", "search_criteria": criteria}
+        with pytest.raises(
+            AirflowFailException, match=f"param search_criteria is invalid.*{match}"
+        ) as raised:
+            import_dag_module.resolve_import_specs(params, self.variables(), None)
+        assert "P1" not in str(raised.value)
+        good = {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": "P1"}]}]}
+        specs = import_dag_module.resolve_import_specs(
+            {**params, "search_criteria": good}, self.variables(), None
+        )
+        assert len(specs) == 1
+
     def test_one_client_token_cannot_name_several_imports(self, import_dag_module: Any) -> None:
         from airflow.sdk.exceptions import AirflowFailException
 

@@ -53,11 +53,22 @@ def test_persist_and_get_link() -> None:
         "datastore_id": DS,
         "job_id": JOB,
     }
-    with mock.patch(
-        "airflow.providers.amazon.aws.links.base_aws.XCom.get_value", return_value=stored["value"]
-    ):
+    from airflow.sdk.execution_time.xcom import XCom
+
+    with mock.patch.object(XCom, "get_value", return_value=stored["value"]) as get_value:
         url = HealthImagingImportJobLink().get_link(operator, ti_key=mock.MagicMock())
+    assert get_value.call_args.kwargs["key"] == "healthimaging_import_job"
     assert url.startswith("https://us-gov-west-1.console.amazonaws-us-gov.com/medical-imaging/")
+    with mock.patch.object(XCom, "get_value", side_effect=RuntimeError("no API server")):
+        assert HealthImagingImportJobLink().get_link(operator, ti_key=mock.MagicMock()) == ""
+
+
+def test_links_match_the_amazon_providers_links_base() -> None:
+    """Same partition domains and formatting as the provider's ``BaseAwsLink`` that these replace."""
+    from airflow.providers.amazon.aws.links.base_aws import BaseAwsLink
+
+    for partition in ("aws", "aws-cn", "aws-us-gov", "unknown", None):
+        assert HealthImagingDatastoreLink.get_aws_domain(partition) == BaseAwsLink.get_aws_domain(partition)
 
 
 def test_persist_skipped_without_xcom_push() -> None:

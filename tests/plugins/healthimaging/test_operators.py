@@ -445,6 +445,71 @@ def test_search_import_job_returns_exactly_the_manifest_image_sets(stubber, s3, 
     assert [s["imageSetId"] for s in result["imageSetsMetadataSummaries"]] == IDS[:2]
 
 
+def test_search_import_job_with_criteria_keeps_the_jobs_matching_image_sets(
+    stubber, s3, kit, context
+) -> None:
+    kit.put_job_outputs(s3, kit.manifest(image_set_ids=(IDS[0], IDS[1])))
+    _expect_job(stubber, kit, "COMPLETED")
+    stubber.add_response(
+        "search_image_sets", {"imageSetsMetadataSummaries": [_summary(IDS[1]), _summary(IDS[0])]}
+    )
+    criteria = {
+        "filters": [{"operator": "EQUAL", "values": [{"DICOMSeriesInstanceUID": "1.2.3.4"}]}],
+        "sort": {"sortOrder": "DESC", "sortField": "createdAt"},
+    }
+    # the criteria match IDS[2] (another job's) and IDS[0]; in the search's order
+    stubber.add_response(
+        "search_image_sets",
+        {"imageSetsMetadataSummaries": [_summary(IDS[2]), _summary(IDS[0])]},
+        {"datastoreId": kit.DATASTORE_ID, "searchCriteria": criteria, "maxResults": 50},
+    )
+    with mock.patch.object(SearchImageSetsOperator, "log", new_callable=mock.PropertyMock) as log:
+        result = _search(kit, import_job_id=kit.JOB_ID, search_criteria=json.dumps(criteria)).execute(context)
+    assert result["imageSetIds"] == [IDS[0]]
+    assert result["firstImageSetId"] == IDS[0]
+    assert "1.2.3.4" not in str(log.return_value.mock_calls)
+
+
+def test_templated_include_phi_and_max_failed_files(kit, context) -> None:
+    search = _search(kit, include_phi="{{ params.phi }}")
+    start = _operator(kit, max_failed_files="{{ params.max_failed }}")
+    assert "include_phi" in search.template_fields
+    assert "max_failed_files" in start.template_fields
+    context["params"] = {"phi": True, "max_failed": 2}
+    search.render_template_fields(context, jinja_env=jinja2.Environment())
+    start.render_template_fields(context, jinja_env=jinja2.Environment())
+    assert (search.include_phi, start.max_failed_files) == ("True", "2")
+
+
+def test_aws_arguments_come_from_default_args_and_build_the_hook(kit) -> None:
+    """Like the provider's AwsBaseOperator: default_args fill the AWS arguments; .partial() accepts them."""
+    from airflow.sdk import DAG
+
+    from healthimaging.hooks import HealthImagingHook
+
+    with DAG("d", schedule=None, default_args={"aws_conn_id": "other", "region_name": "eu-west-1"}):
+        op = _operator(kit, verify=False, botocore_config={"retries": {"max_attempts": 2}})
+        mapped = StartDICOMImportOperator.partial(
+            task_id="mapped",
+            datastore_id=kit.DATASTORE_ID,
+            data_access_role_arn=kit.ROLE_ARN,
+            output_s3_uri=kit.OUTPUT_URI,
+            aws_conn_id="third",
+        ).expand(input_s3_uri=["s3://input-bucket/a/", "s3://input-bucket/b/"])
+    assert (op.aws_conn_id, op.region_name, op.verify) == ("other", "eu-west-1", False)
+    assert isinstance(op.hook, HealthImagingHook)
+    assert (op.hook.aws_conn_id, op.hook._region_name, op.hook._verify, op.hook._config) == (
+        "other",
+        "eu-west-1",
+        False,
+        op.hook._config,
+    )
+    assert op.hook is op.hook
+    assert mapped.partial_kwargs["aws_conn_id"] == "third"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'aws_con_id'"):
+        StartDICOMImportOperator.partial(task_id="typo", aws_con_id="x")
+
+
 def test_search_import_job_falls_back_for_image_sets_outside_the_window(stubber, s3, kit, context) -> None:
     kit.put_job_outputs(s3, kit.manifest(image_set_ids=(IDS[0], IDS[1])))
     _expect_job(stubber, kit, "COMPLETED")

@@ -248,6 +248,19 @@ def test_template_fields(kit, context) -> None:
     assert sensor.deferrable is True
 
 
+def test_max_failed_files_is_templated(stubber, s3, kit, context) -> None:
+    sensor = _sensor(kit, max_failed_files="{{ params.max_failed }}")
+    context["params"] = {"max_failed": 1}
+    sensor.render_template_fields(context, jinja_env=jinja2.Environment())
+    assert sensor.max_failed_files == "1"
+    _expect_job(stubber, kit, "COMPLETED")
+    kit.put_job_outputs(
+        s3, kit.manifest(scanned=3, imported=1, customer_errors=2), kit.failure_ndjson("a", "b")
+    )
+    with pytest.raises(AirflowException, match="max_failed_files=1"):
+        sensor.poke(context)
+
+
 # ------------------------------------------------------------------ real path: the local endpoint
 
 
