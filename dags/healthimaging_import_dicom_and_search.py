@@ -60,7 +60,7 @@ Each value is checked against the same pattern as the API, wherever it came from
   outranks the start (`priority_weight` 10 vs 1, `weight_rule="absolute"`), so a freed slot goes to the job that
   is already running, not to a new one.
 - `wait_for_import_job` also has `max_active_tis_per_dag=90` (deferred instances count in Airflow 3.3).
-- `max_active_runs=8` bounds parallel nightly/backfill runs.
+- `max_active_runs` (environment `HEALTHIMAGING_MAX_ACTIVE_RUNS`, default 8) bounds parallel nightly/backfill runs.
 - The sensor polls GetDICOMImportJob every `HEALTHIMAGING_POKE_INTERVAL` seconds (environment, read at parse time;
   default 30; the account limit is 25 requests/s).
 """
@@ -102,6 +102,8 @@ IMPORT_POOL = os.environ.get("HEALTHIMAGING_IMPORT_POOL", "default_pool")
 MAX_IMPORTS_IN_FLIGHT = 90
 #: Seconds between GetDICOMImportJob polls (parse time; lower it for the local endpoint).
 POKE_INTERVAL = float(os.environ.get("HEALTHIMAGING_POKE_INTERVAL", "30"))
+# Parallel runs (nightly, backfill, manual); environment, read at parse time like the pool.
+MAX_ACTIVE_RUNS = int(os.environ.get("HEALTHIMAGING_MAX_ACTIVE_RUNS", "8"))
 MAX_PREFIXES_PER_RUN = 1000
 IMPORT_TIMEOUT = timedelta(hours=12)
 
@@ -520,7 +522,7 @@ with DAG(
     schedule=CronDataIntervalTimetable("0 2 * * *", timezone="UTC"),
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=8,
+    max_active_runs=MAX_ACTIVE_RUNS,
     dagrun_timeout=timedelta(hours=24),
     params=PARAMS,
     tags=["healthimaging", "dicom", "medical-imaging", "import"],

@@ -8,7 +8,7 @@ from time import sleep
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from healthimaging.base import HealthImagingAwsMixin, aws_template_fields
 from healthimaging.validation import check_parameter, coerce_optional_count
@@ -117,7 +117,8 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         self.log.info("DICOM import job %s is %s", self.job_id, status)
         states = import_job_states()
         if status in states["failure"]:
-            raise AirflowException(self.hook.failed_job_message(job))
+            # A FAILED job stays FAILED: retrying the sensor would only poll it again.
+            raise AirflowFailException(self.hook.failed_job_message(job))
         if status not in states["success"]:
             return False
         result = self.hook.completed_job_result(
@@ -140,7 +141,7 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         job = self.hook.get_import_job(self.datastore_id, self.job_id)
         if event["status"] != "success":
             if job["jobStatus"] in import_job_states()["failure"]:
-                raise AirflowException(self.hook.failed_job_message(job))
+                raise AirflowFailException(self.hook.failed_job_message(job))
             raise AirflowException(
                 f"Waiting for DICOM import job {self.job_id} failed: {event.get('message')}"
             )

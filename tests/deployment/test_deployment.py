@@ -405,8 +405,11 @@ def test_prefix_over_file_quota_fails_the_job_and_the_sensor(
     assert str(job["message"]) in log, log[-3000:]
     assert state_of(api, run_id, SEARCH) in {None, "upstream_failed"}
     assert api.ti_states(DAG_ID, run_id).get(f"{SEARCH}[0]") != "success"
-    # The sensor has retries; stop the run here instead of waiting them out.
-    api.json("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", json={"state": "failed"})
+    # A FAILED job stays FAILED: the sensor fails at once instead of spending its retries.
+    assert sensor["state"] == "failed", sensor
+    assert sensor["try_number"] == 1, sensor
+    run = api.wait_for_run(DAG_ID, run_id, timeout=120)
+    assert run["state"] == "failed", run
     assert state_of(api, run_id, SEARCH) in {None, "upstream_failed", "removed", "skipped"}
 
 

@@ -6,7 +6,12 @@ from unittest import mock
 import jinja2
 import pytest
 from airflow.providers.common.compat.sdk import AirflowException, PokeReturnValue
-from airflow.sdk.exceptions import AirflowRescheduleException, AirflowSensorTimeout, TaskDeferred
+from airflow.sdk.exceptions import (
+    AirflowFailException,
+    AirflowRescheduleException,
+    AirflowSensorTimeout,
+    TaskDeferred,
+)
 from botocore.exceptions import EndpointConnectionError
 
 from healthimaging.hooks import HealthImagingHook
@@ -65,7 +70,7 @@ def test_poke_completed_waits_for_lagging_manifest(stubber, s3, kit, context) ->
 def test_poke_failed_raises_with_message_and_reasons(stubber, s3, kit, context) -> None:
     _expect_job(stubber, kit, "FAILED")
     kit.put_job_outputs(s3, kit.manifest(), kit.failure_ndjson(*[f"dicom/{i}.dcm" for i in range(6)]))
-    with pytest.raises(AirflowException) as error:
+    with pytest.raises(AirflowFailException) as error:  # terminal: no retry would change a FAILED job
         _sensor(kit).poke(context)
     text = str(error.value)
     assert "FILE_COUNTS_LIMIT_EXCEEDED" in text
