@@ -86,7 +86,8 @@ class Importer:
     :param s3: the embedded S3.
     :param import_seconds: the minimum time a job stays IN_PROGRESS.
     :param max_concurrent_imports: SUBMITTED/IN_PROGRESS jobs allowed per data store.
-    :param workers: worker threads.
+    :param workers: worker threads: jobs that can be IN_PROGRESS at once (a job waiting out
+        ``import_seconds`` holds one, as a real job holds the service's capacity).
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class Importer:
         s3: S3Storage,
         import_seconds: float = 0.0,
         max_concurrent_imports: int = 100,
-        workers: int = 4,
+        workers: int = 32,
     ) -> None:
         self.store = store
         self.s3 = s3
@@ -104,7 +105,7 @@ class Importer:
         self.limits = JobLimits()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
-        self._datastore_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._datastore_locks: dict[str, threading.Lock] = {}
         self._threads = [
             threading.Thread(target=self._work, name=f"healthimaging-import-{i}", daemon=True)
             for i in range(workers)
@@ -261,14 +262,12 @@ class Importer:
         started = time.monotonic()
         log.info("Import job %s started", job_id)
         try:
-            outcome = self._execute(job, started)
+            self._execute(job, started)
         except JobFailed as failure:
             message = sanitize_message(f"DICOM import job has failed. {failure}")
             self._write_outputs(job, _Outcome(), required=False)
             self._wait_until(started)
             self._finish(job_id, "FAILED", message, [])
-            return
-        self._finish(job_id, "COMPLETED", None, outcome.writes)
 
     def _wait_until(self, started: float) -> None:
         remaining = started + self.import_seconds - time.monotonic()
@@ -317,7 +316,13 @@ class Importer:
             )
         return in_bucket, objects
 
-    def _execute(self, job: sqlite3.Row, started: float) -> _Outcome:
+    def _execute(self, job: sqlite3.Row, started: float) -> None:
+        """Parse the job's objects, then group, write the outputs and commit under the data store's lock.
+
+        Reading the current version of an image set and committing the next one happen under one lock, so
+        concurrent jobs touching the same series get consecutive versions; parsing and the least
+        IN_PROGRESS time run outside it, so jobs of one data store still overlap.
+        """
         bucket, objects = self._inventory(job)
         outcome = _Outcome(scanned=len(objects))
         groups: dict[tuple[str, str], list[tuple[str, dicom.ParsedInstance]]] = defaultdict(list)
@@ -346,12 +351,12 @@ class Importer:
                 )
                 continue
             groups[(parsed.study_uid, parsed.series_uid)].append((obj.key, parsed))
-        with self._datastore_locks[job["datastore_id"]]:
+        self._wait_until(started)
+        with self._datastore_locks.setdefault(job["datastore_id"], threading.Lock()):  # atomic in CPython
             for (study_uid, series_uid), items in groups.items():
                 self._group(job["datastore_id"], study_uid, series_uid, items, outcome)
             self._write_outputs(job, outcome, required=True)
-            self._wait_until(started)
-            return outcome
+            self._finish(job["id"], "COMPLETED", None, outcome.writes)
 
     def _group(
         self,

@@ -16,6 +16,7 @@ from endpoint_helpers import (
     synthetic,
     upload,
     wait_for,
+    wait_job,
 )
 
 from healthimaging_local.sample_data import pydicom_bundled_files
@@ -184,3 +185,45 @@ def test_status_progression_and_inactive_datastore(tmp_path: Path) -> None:
 
         wait_for(finished)
         assert "IN_PROGRESS" in seen
+
+
+def test_concurrent_reimports_of_one_series_get_consecutive_versions(tmp_path: Path) -> None:
+    """Jobs that overlap in time and touch the same series must each commit the next version (no lost update)."""
+    jobs = 6
+    with LocalEndpoint(tmp_path / "state", import_seconds=1.0) as endpoint:
+        mi, s3 = endpoint.client("medical-imaging"), endpoint.client("s3")
+        upload(s3, "results", "", [])
+        datastore_id = create_active_datastore(mi)
+        files = synthetic(series=1, instances=2, seed=11)
+        for n in range(jobs):
+            upload(s3, "same-series", f"copy{n}/", files)
+        started = [
+            mi.start_dicom_import_job(
+                datastoreId=datastore_id,
+                dataAccessRoleArn=ROLE_ARN,
+                inputS3Uri=f"s3://same-series/copy{n}/",
+                outputS3Uri="s3://results/",
+            )["jobId"]
+            for n in range(jobs)
+        ]
+        # All jobs are in flight at the same time (the least IN_PROGRESS time does not serialise them).
+        statuses = [
+            mi.get_dicom_import_job(datastoreId=datastore_id, jobId=j)["jobProperties"]["jobStatus"]
+            for j in started
+        ]
+        assert "COMPLETED" not in statuses, statuses
+        finished = [wait_job(mi, datastore_id, j) for j in started]
+        assert [f["jobStatus"] for f in finished] == ["COMPLETED"] * jobs, [
+            f.get("message") for f in finished
+        ]
+        versions = []
+        for job in finished:
+            summary = read_json(s3, job["outputS3Uri"] + "job-output-manifest.json")["jobSummary"]
+            [image_set] = summary["imageSetsSummary"]
+            versions.append((image_set["imageSetId"], image_set["imageSetVersion"]))
+        assert len({image_set_id for image_set_id, _ in versions}) == 1
+        assert sorted(v for _, v in versions) == list(range(1, jobs + 1))
+        listed = mi.list_image_set_versions(datastoreId=datastore_id, imageSetId=versions[0][0])
+        assert [v["versionId"] for v in listed["imageSetPropertiesList"]] == [
+            str(v) for v in range(jobs, 0, -1)
+        ]
