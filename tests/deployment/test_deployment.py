@@ -15,10 +15,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import boto3
 import psutil
+import pydicom
 import pytest
 from botocore.config import Config
 from harness import REPO_ROOT, AirflowApi, AirflowDeployment, LocalEndpoint, living, wait_until
@@ -598,3 +601,93 @@ def test_twenty_runs_at_once(
     RESULTS_FILE.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
     assert usage.samples > 0
+
+
+# --- PHI (issue 7): patient identity stays out of every log file, and out of XCom unless opted in ------------
+# Sample DICOM carries canary patient attributes. After runs with and without ``include_phi`` (one of them
+# searching by the canary patient id), every file under the deployment's log folder (scheduler, dag-processor,
+# api-server, triggerer and worker output, task logs, trigger logs, and the endpoint's own log) is scanned.
+
+CANARIES = {
+    "PatientName": "PHI^CANARY^ZETA",
+    "PatientID": "PHICANARY001",
+    "PatientBirthDate": "19010203",
+    "AccessionNumber": "ACCCANARY9",
+}
+
+
+def canary_files() -> list[tuple[str, bytes]]:
+    """Synthetic P10 files whose patient attributes are the canaries."""
+    files = []
+    for key, data in synthetic_study_files(1, 1, 2, 2, seed=4242):
+        dataset = pydicom.dcmread(BytesIO(data))
+        for keyword, value in CANARIES.items():
+            setattr(dataset, keyword, value)
+        out = BytesIO()
+        dataset.save_as(out, enforce_file_format=True)
+        files.append((key, out.getvalue()))
+    return files
+
+
+def files_mentioning(folder: Path, needles: list[str]) -> dict[str, list[str]]:
+    """Every file under ``folder`` that contains one of ``needles`` (as bytes), with the needles it contains."""
+    found: dict[str, list[str]] = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            hits = [n for n in needles if n.encode() in data]
+            if hits:
+                found[str(path)] = hits
+    return found
+
+
+def test_no_phi_in_any_log_and_xcom_only_when_opted_in(
+    api: AirflowApi, make_site: Callable[..., Site], deployment: AirflowDeployment
+) -> None:
+    site = make_site("--import-seconds", "8")  # long enough that the sensors defer: trigger logs get written
+    prefix = "incoming/phi/"
+    files = canary_files()
+    upload(files, site.client("s3"), BUCKET, prefix)
+    by_patient = {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": CANARIES["PatientID"]}]}]}
+
+    masked_run = api.trigger(
+        DAG_ID, conf=site.conf(prefix, search_criteria=by_patient), run_id=new_run_id("phi_masked")
+    )
+    assert api.wait_for_run(DAG_ID, masked_run, timeout=240)["state"] == "success", describe(api, masked_run)
+    opted_in_run = api.trigger(
+        DAG_ID, conf=site.conf(prefix, include_phi=True), run_id=new_run_id("phi_opted_in")
+    )
+    assert api.wait_for_run(DAG_ID, opted_in_run, timeout=240)["state"] == "success", describe(
+        api, opted_in_run
+    )
+
+    masked: list[dict[str, Any]] = api.xcom(
+        DAG_ID, masked_run, SEARCH, "imageSetsMetadataSummaries", map_index=0
+    )
+    opted_in: list[dict[str, Any]] = api.xcom(
+        DAG_ID, opted_in_run, SEARCH, "imageSetsMetadataSummaries", map_index=0
+    )
+    # The search by the canary patient id found this import's image sets, so the criteria were really used.
+    assert len(masked) == 2
+    assert all(s["DICOMTags"]["DICOMPatientId"] == "***" for s in masked)
+    assert all(s["DICOMTags"]["DICOMPatientName"] == "***" for s in masked)
+    assert CANARIES["PatientID"] not in repr(masked)
+    assert {s["DICOMTags"]["DICOMPatientId"] for s in opted_in} == {CANARIES["PatientID"]}
+    assert {s["DICOMTags"]["DICOMPatientName"] for s in opted_in} == {CANARIES["PatientName"]}
+
+    # Every XCom of the masked run, on every task: no canary.
+    for ti in api.task_instances(DAG_ID, masked_run):
+        for key in api.xcom_keys(DAG_ID, masked_run, ti["task_id"], ti.get("map_index", -1)):
+            value = api.xcom(DAG_ID, masked_run, ti["task_id"], key, map_index=ti.get("map_index", -1))
+            assert not [c for c in CANARIES.values() if c in repr(value)], (ti["task_id"], key)
+
+    log_dir = deployment.log_dir
+    trigger_logs = [p for p in log_dir.rglob("*") if p.is_file() and ".trigger." in p.name]
+    task_logs = [p for p in (log_dir / "tasks").rglob("*") if p.is_file()]
+    endpoint_logs = [p for p in log_dir.glob("endpoint*.log")]
+    # The scan below must have something to read: task logs, the sensors' trigger logs and the endpoint log.
+    assert trigger_logs, "no trigger log file was written"
+    assert task_logs
+    assert endpoint_logs
+    leaks = files_mentioning(log_dir, list(CANARIES.values()))
+    assert leaks == {}, leaks
