@@ -177,7 +177,8 @@ with create_session() as session:
     xcoms = [[r.task_id, r.map_index, r.key, XComModel.deserialize_value(r)] for r in rows]
     events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run.run_id))
     print(json.dumps({{"run_id": run.run_id, "state": str(run.state), "xcoms": xcoms,
-                      "asset_events": [e.extra for e in events]}}, default=str))
+                      "asset_events": [e.extra for e in events], "start_date": run.start_date,
+                      "end_date": run.end_date}}, default=str))
 """
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT
@@ -254,6 +255,7 @@ def main() -> int:
         run([str(BIN / "airflow"), "dags", "test", DAG_ID, "-c", json.dumps(conf)], env, airflow_log)
         result = read_run(env)
         imports = report(result)
+        print(f"DEMO_RUN {json.dumps({k: str(result.get(k)) for k in ('run_id', 'start_date', 'end_date')})}")
         if result["state"] != "success" or imports != len(PREFIXES):
             raise RuntimeError(f"run {result['run_id']} is {result['state']} with {imports} import(s)")
         log_text = airflow_log.read_text(errors="replace")
