@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -125,7 +126,20 @@ class _TransientTolerantWaiter:
 
 
 class _AsyncTransientTolerantWaiter(_TransientTolerantWaiter):
+    """Async variant; also delays every poll by a random ``0..jitter`` seconds.
+
+    ``async_wait`` sleeps exactly ``waiter_delay`` between polls, so triggers that once poll together (deferred
+    together, or woken together after a stalled event loop) keep polling together and burst against
+    GetDICOMImportJob's rate limit. A fresh random delay per poll keeps spreading them out.
+    """
+
+    def __init__(self, waiter: Waiter, jitter: float = 0.0) -> None:
+        super().__init__(waiter)
+        self._jitter = jitter
+
     async def wait(self, **kwargs: Any) -> None:  # type: ignore[override]
+        if self._jitter > 0:
+            await asyncio.sleep(random.uniform(0, self._jitter))
         try:
             await self._waiter.wait(**kwargs)
         except WaiterError as error:
@@ -152,6 +166,9 @@ class HealthImagingHook(AwsBaseHook):
     .. seealso::
         - :class:`airflow.providers.amazon.aws.hooks.base_aws.AwsBaseHook`
     """
+
+    #: Seconds (at most) of random delay added to every poll of the async import-job waiter; set by the trigger.
+    poll_jitter: float = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["client_type"] = "medical-imaging"
@@ -183,8 +200,9 @@ class HealthImagingHook(AwsBaseHook):
         )
         if waiter_name not in self._list_custom_waiters():
             return waiter
-        wrapper = _AsyncTransientTolerantWaiter if deferrable else _TransientTolerantWaiter
-        return wrapper(waiter)  # type: ignore[return-value]
+        if deferrable:
+            return _AsyncTransientTolerantWaiter(waiter, self.poll_jitter)  # type: ignore[return-value]
+        return _TransientTolerantWaiter(waiter)  # type: ignore[return-value]
 
     @cached_property
     def s3_hook(self) -> S3Hook:

@@ -40,6 +40,9 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         (templated; a rendered string such as ``"3"`` or ``"None"`` is parsed)
     :param first_poke_jitter: wait up to this many seconds (random) before the first check, to spread
         many sensors started together
+    :param poll_jitter: deferrable mode: at most this many seconds of random delay added to every poll in
+        the triggerer, so that many deferred sensors do not poll in bursts; None means a tenth of
+        ``poke_interval``
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates
@@ -57,6 +60,7 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         deferrable: bool = True,
         max_failed_files: int | None = None,
         first_poke_jitter: float = 0.0,
+        poll_jitter: float | None = None,
         poke_interval: float = 30,
         **kwargs: Any,
     ) -> None:
@@ -66,6 +70,7 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         self.deferrable = deferrable
         self.max_failed_files = max_failed_files
         self.first_poke_jitter = first_poke_jitter
+        self.poll_jitter = poll_jitter
         # Re-reads of a lagging manifest inside one poke: (attempts, seconds between them).
         self.manifest_attempts, self.manifest_delay = 3, 2.0
 
@@ -87,6 +92,7 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
                 job_id=self.job_id,
                 waiter_delay=max(1, int(self.poke_interval)),
                 waiter_max_attempts=int(self.timeout // max(1, int(self.poke_interval))) + 2,
+                poll_jitter=self.poll_jitter,
                 aws_conn_id=self.aws_conn_id,
                 region_name=self.region_name,
                 verify=self.verify,

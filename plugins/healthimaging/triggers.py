@@ -17,6 +17,9 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
     :param job_id: the import job id
     :param waiter_delay: seconds between polls
     :param waiter_max_attempts: the most polls before giving up
+    :param poll_jitter: at most this many seconds of random delay added to every poll, so that many
+        triggers spread their GetDICOMImportJob calls (25 per second by default); None means a tenth of
+        ``waiter_delay``
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates
@@ -30,13 +33,14 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
         job_id: str,
         waiter_delay: int = 30,
         waiter_max_attempts: int = 120,
+        poll_jitter: float | None = None,
         aws_conn_id: str | None = "aws_default",
         region_name: str | None = None,
         verify: bool | str | None = None,
         botocore_config: dict | None = None,
     ) -> None:
         super().__init__(
-            serialized_fields={"datastore_id": datastore_id, "job_id": job_id},
+            serialized_fields={"datastore_id": datastore_id, "job_id": job_id, "poll_jitter": poll_jitter},
             waiter_name=IMPORT_JOB_WAITER,
             waiter_args={"datastoreId": datastore_id, "jobId": job_id},
             failure_message=f"DICOM import job {job_id} failed",
@@ -51,11 +55,14 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
             verify=verify,
             botocore_config=botocore_config,
         )
+        self.poll_jitter = waiter_delay / 10 if poll_jitter is None else max(0.0, float(poll_jitter))
 
     def hook(self) -> HealthImagingHook:
-        return HealthImagingHook(
+        hook = HealthImagingHook(
             aws_conn_id=self.aws_conn_id,
             region_name=self.region_name,
             verify=self.verify,
             config=self.botocore_config,
         )
+        hook.poll_jitter = self.poll_jitter
+        return hook

@@ -165,6 +165,7 @@ def test_deferrable_pokes_once_then_defers(stubber, kit, context) -> None:
     assert trigger.serialize()[1] == {
         "datastore_id": kit.DATASTORE_ID,
         "job_id": kit.JOB_ID,
+        "poll_jitter": None,
         "waiter_delay": 7,
         "waiter_max_attempts": trigger.attempts,
         "aws_conn_id": "aws_default",

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from unittest import mock
 
+import boto3
 import pytest
 from airflow.providers.amazon.aws.hooks.base_aws import AwsGenericHook
 from airflow.triggers.base import TriggerEvent
@@ -37,6 +38,7 @@ def test_serialize() -> None:
     assert kwargs == {
         "datastore_id": DS,
         "job_id": JOB,
+        "poll_jitter": None,
         "waiter_delay": 0,
         "waiter_max_attempts": 5,
         "aws_conn_id": "hi",
@@ -50,6 +52,7 @@ def test_serialize() -> None:
     "extra",
     [
         {},
+        {"poll_jitter": 2.5},
         {"aws_conn_id": None},
         {"region_name": "eu-west-1", "verify": False, "botocore_config": {"retries": {"mode": "standard"}}},
     ],
@@ -214,3 +217,33 @@ async def test_run_survives_endpoint_restart(live, tmp_path) -> None:
     with LocalEndpoint(live.endpoint.state_dir, port=port, import_seconds=0):
         event = await asyncio.wait_for(task, timeout=60)
     assert event.payload == {"status": "success", "job_id": job_id}
+
+
+def test_poll_jitter_defaults_to_a_tenth_of_the_delay_and_reaches_the_async_waiter() -> None:
+    assert _trigger(waiter_delay=30).poll_jitter == 3.0
+    assert _trigger(waiter_delay=30, poll_jitter=0).poll_jitter == 0.0
+    hook = _trigger(waiter_delay=30, poll_jitter=7).hook()
+    assert hook.poll_jitter == 7
+    client = boto3.client(
+        "medical-imaging", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    waiter = hook.get_waiter("dicom_import_job_complete", deferrable=True, client=client)
+    assert waiter._jitter == 7  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_every_async_poll_waits_a_fresh_random_jitter() -> None:
+    from healthimaging import hooks
+
+    inner = mock.MagicMock()
+    inner.wait = mock.AsyncMock()
+    waiter = hooks._AsyncTransientTolerantWaiter(inner, jitter=4.0)
+    with (
+        mock.patch.object(hooks.asyncio, "sleep", new=mock.AsyncMock()) as sleep,
+        mock.patch.object(hooks.random, "uniform", side_effect=[1.5, 3.25]) as uniform,
+    ):
+        await waiter.wait(datastoreId=DS, jobId=JOB)
+        await waiter.wait(datastoreId=DS, jobId=JOB)
+    assert [c.args for c in uniform.call_args_list] == [(0, 4.0), (0, 4.0)]
+    assert [c.args for c in sleep.await_args_list] == [(1.5,), (3.25,)]
+    assert inner.wait.await_count == 2
