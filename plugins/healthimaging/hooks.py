@@ -111,17 +111,20 @@ class _TransientTolerantWaiter:
     def __getattr__(self, item: str) -> Any:
         return getattr(self._waiter, item)
 
+    def _raise_transient(self, error: Exception) -> None:
+        """Raise an attempt-consuming WaiterError in place of ``error`` if it is transient; else return."""
+        if isinstance(error, WaiterError):
+            if "An error occurred" in str(error) and is_transient_response(error.last_response):
+                raise _transient_waiter_error(self.name, error.last_response) from error
+        elif is_transient_error(error):
+            log.warning("Transient error while polling import job: %s", type(error).__name__)
+            raise _transient_waiter_error(self.name, error) from error
+
     def wait(self, **kwargs: Any) -> None:
         try:
             self._waiter.wait(**kwargs)
-        except WaiterError as error:
-            if "An error occurred" in str(error) and is_transient_response(error.last_response):
-                raise _transient_waiter_error(self.name, error.last_response) from error
-            raise
         except Exception as error:
-            if is_transient_error(error):
-                log.warning("Transient error while polling import job: %s", type(error).__name__)
-                raise _transient_waiter_error(self.name, error) from error
+            self._raise_transient(error)
             raise
 
 
@@ -142,14 +145,8 @@ class _AsyncTransientTolerantWaiter(_TransientTolerantWaiter):
             await asyncio.sleep(random.uniform(0, self._jitter))
         try:
             await self._waiter.wait(**kwargs)
-        except WaiterError as error:
-            if "An error occurred" in str(error) and is_transient_response(error.last_response):
-                raise _transient_waiter_error(self.name, error.last_response) from error
-            raise
         except Exception as error:
-            if is_transient_error(error):
-                log.warning("Transient error while polling import job: %s", type(error).__name__)
-                raise _transient_waiter_error(self.name, error) from error
+            self._raise_transient(error)
             raise
 
 
