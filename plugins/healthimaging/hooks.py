@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -21,8 +22,6 @@ from botocore.exceptions import ConnectionError as BotocoreConnectionError
 from healthimaging.validation import coerce_optional_count
 
 if TYPE_CHECKING:
-    import os
-
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
     from botocore.waiter import Waiter
 
@@ -128,12 +127,44 @@ class _TransientTolerantWaiter:
             raise
 
 
+class PollRateLimiter:
+    """Spaces the calls of one process to at most ``rate`` per second (all triggers of a triggerer share it).
+
+    Jitter spreads polls on average, but random phases still make one-second peaks well above the mean; this
+    bounds them. Only used from the triggerer's event loop, so no lock is needed: nothing awaits between
+    reading and moving the next free slot.
+
+    :param rate: calls per second; 0 or less turns the limit off.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._next = 0.0
+
+    async def acquire(self) -> None:
+        """Wait for this call's slot."""
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + 1.0 / self.rate
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+#: GetDICOMImportJob calls per second of one triggerer process (the service allows 25 per second per account).
+TRIGGERER_POLL_RATE = PollRateLimiter(
+    float(os.environ.get("HEALTHIMAGING_TRIGGERER_MAX_POLLS_PER_SECOND", "20"))
+)
+
+
 class _AsyncTransientTolerantWaiter(_TransientTolerantWaiter):
     """Async variant; also delays every poll by a random ``0..jitter`` seconds.
 
     ``async_wait`` sleeps exactly ``waiter_delay`` between polls, so triggers that once poll together (deferred
     together, or woken together after a stalled event loop) keep polling together and burst against
-    GetDICOMImportJob's rate limit. A fresh random delay per poll keeps spreading them out.
+    GetDICOMImportJob's rate limit. A fresh random delay per poll keeps spreading them out, and
+    :data:`TRIGGERER_POLL_RATE` caps what is left of the peaks.
     """
 
     def __init__(self, waiter: Waiter, jitter: float = 0.0) -> None:
@@ -143,6 +174,7 @@ class _AsyncTransientTolerantWaiter(_TransientTolerantWaiter):
     async def wait(self, **kwargs: Any) -> None:  # type: ignore[override]
         if self._jitter > 0:
             await asyncio.sleep(random.uniform(0, self._jitter))
+        await TRIGGERER_POLL_RATE.acquire()
         try:
             await self._waiter.wait(**kwargs)
         except Exception as error:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from unittest import mock
 
 import boto3
@@ -239,6 +240,7 @@ async def test_every_async_poll_waits_a_fresh_random_jitter() -> None:
     inner.wait = mock.AsyncMock()
     waiter = hooks._AsyncTransientTolerantWaiter(inner, jitter=4.0)
     with (
+        mock.patch.object(hooks.TRIGGERER_POLL_RATE, "acquire", new=mock.AsyncMock()),
         mock.patch.object(hooks.asyncio, "sleep", new=mock.AsyncMock()) as sleep,
         mock.patch.object(hooks.random, "uniform", side_effect=[1.5, 3.25]) as uniform,
     ):
@@ -247,3 +249,34 @@ async def test_every_async_poll_waits_a_fresh_random_jitter() -> None:
     assert [c.args for c in uniform.call_args_list] == [(0, 4.0), (0, 4.0)]
     assert [c.args for c in sleep.await_args_list] == [(1.5,), (3.25,)]
     assert inner.wait.await_count == 2
+
+
+@pytest.mark.asyncio
+async def test_poll_rate_limiter_spaces_calls_of_one_process() -> None:
+    from healthimaging.hooks import PollRateLimiter
+
+    limiter = PollRateLimiter(rate=50.0)
+    loop = asyncio.get_running_loop()
+    starts = []
+    for _ in range(11):
+        await limiter.acquire()
+        starts.append(loop.time())
+    # 11 calls at 50 per second take at least 10 intervals of 20 ms, however fast the caller asks.
+    assert starts[-1] - starts[0] >= 10 / 50.0 - 0.005
+    unlimited = PollRateLimiter(rate=0)
+    before = loop.time()
+    for _ in range(100):
+        await unlimited.acquire()
+    assert loop.time() - before < 0.5
+
+
+@pytest.mark.asyncio
+async def test_async_polls_go_through_the_process_rate_limiter() -> None:
+    from healthimaging import hooks
+
+    inner = mock.MagicMock()
+    inner.wait = mock.AsyncMock()
+    with mock.patch.object(hooks.TRIGGERER_POLL_RATE, "acquire", new=mock.AsyncMock()) as acquire:
+        await hooks._AsyncTransientTolerantWaiter(inner).wait(datastoreId=DS, jobId=JOB)
+    acquire.assert_awaited_once()
+    inner.wait.assert_awaited_once()
