@@ -172,12 +172,28 @@ def match_route(method: str, path: str) -> tuple[OperationModel, dict[str, str]]
     raise UnknownOperationException(f"No operation matches {method} on this path")
 
 
+@functools.cache
+def _unambiguous_first_segments() -> frozenset[str]:
+    """First path segments of HealthImaging routes that no S3 bucket can have (bucket names are lower case)."""
+    firsts = {
+        service_model().operation_model(name).http["requestUri"].lstrip("/").split("/", 1)[0]
+        for name in service_model().operation_names
+    }
+    return frozenset(first for first in firsts if first != first.lower())
+
+
 def is_service_path(path: str) -> bool:
     """True if the path belongs to a HealthImaging route (any method).
 
+    A path under ``/startDICOMImportJob/``, ``/getDICOMImportJob/`` or ``/listDICOMImportJobs/`` belongs to
+    HealthImaging even when malformed (say, an empty id): it cannot name an S3 bucket, and its caller should get
+    HealthImaging's error, not S3's ``NoSuchBucket``.
+
     :param path: the raw request path.
     """
-    return any(route.regex.match(path) for route in routes())
+    if any(route.regex.match(path) for route in routes()):
+        return True
+    return path.lstrip("/").split("/", 1)[0] in _unambiguous_first_segments()
 
 
 # ---------------------------------------------------------------------------------------------- input

@@ -597,8 +597,10 @@ def test_twenty_runs_at_once(
         "executor": "CeleryExecutor",
         "worker_concurrency": deployment.settings.worker_concurrency,
     }
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(record, indent=2) + "\n")
+    # The recorded figures are updated only on request, so that a test run leaves the work tree clean.
+    if os.environ.get("RECORD_BENCHMARKS") == "1":
+        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS_FILE.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
     assert usage.samples > 0
 

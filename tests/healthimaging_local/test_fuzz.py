@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import http.client
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -314,10 +315,17 @@ def goes_to_healthimaging(request: dict[str, Any]) -> bool:
     return request["auth"] != "none" or is_service_path(request["path"])
 
 
+def _wsgi_str(text: str) -> str:
+    """A WSGI environ string: the UTF-8 bytes read as latin-1, as a server puts them there."""
+    return text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
 def check_s3_response(status: int, body: bytes) -> None:
     """A request the dispatcher hands to S3 (moto): never a 5xx. (Its 4xx bodies are moto's: usually S3 XML,
     a Flask HTML 404 for keys its router rejects, empty for a failed CORS preflight.)"""
-    assert status < 500, (status, body[:300])
+    # Where the test's guess of the route differs from the server's reading of an odd path ("//x", a literal
+    # "?"), HealthImaging answers instead; its only deliberate 5xx is 501 for a modelled, unemulated operation.
+    assert status < 500 or (status == 501 and b"NotImplementedException" in body), (status, body[:300])
 
 
 def check_response(method: str, path: str, status: int, headers: Any, body: bytes) -> None:
@@ -396,12 +404,31 @@ def test_in_process_requests_get_well_formed_answers(target: Target) -> None:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         database=None,
+        # Fixed examples, so CI is reproducible; set FUZZ_EXPLORE=1 to draw new ones.
+        derandomize=os.environ.get("FUZZ_EXPLORE") != "1",
     )
     @given(request=requests_(target), which=st.sampled_from(["open", "open", "secured"]))
     def run(request: dict[str, Any], which: str) -> None:
         headers = sign(request, "localhost")
         path = request["path"] + (f"?{request['query']}" if request["query"] else "")
-        response = clients[which].open(path, method=request["method"], headers=headers, data=request["body"])
+        # A path starting with "//" would be read as a host name by werkzeug's test client itself, so it
+        # goes into the environ directly, as a server puts a request line's path there.
+        raw = request["path"].startswith("//")
+        response = clients[which].open(
+            "/" if raw else path,
+            method=request["method"],
+            headers=headers,
+            data=request["body"],
+            environ_overrides=(
+                {
+                    "PATH_INFO": _wsgi_str(request["path"]),
+                    "RAW_URI": _wsgi_str(path),
+                    "QUERY_STRING": _wsgi_str(request["query"]),
+                }
+                if raw
+                else {}
+            ),
+        )
         status = response.status_code
         if not goes_to_healthimaging(request):
             seen["s3"] = seen.get("s3", 0) + 1
@@ -435,6 +462,8 @@ def test_over_http_the_server_keeps_serving(target: Target) -> None:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         database=None,
+        # Fixed examples, so CI is reproducible; set FUZZ_EXPLORE=1 to draw new ones.
+        derandomize=os.environ.get("FUZZ_EXPLORE") != "1",
     )
     @given(request=requests_(target), secured=st.booleans())
     def run(request: dict[str, Any], secured: bool) -> None:

@@ -381,3 +381,18 @@ def test_client_error_without_modelled_class_is_not_hidden(endpoint: LocalEndpoi
             datastoreId="a" * 32, imageSetId="b" * 32, imageFrameInformation={"imageFrameId": "c" * 32}
         )
     assert raised.value.response["Error"]["Code"] == "NotImplementedException"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/listDICOMImportJobs/datastore/", "/getDICOMImportJob/datastore//job/x", "/startDICOMImportJob/"],
+)
+def test_unsigned_malformed_import_job_paths_get_healthimaging_errors(
+    endpoint: LocalEndpoint, path: str
+) -> None:
+    """Found by the fuzzer: these paths cannot name an S3 bucket, so S3's NoSuchBucket would mislead."""
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(endpoint.url + path)
+    assert answer.value.code == 404
+    assert answer.value.headers["x-amzn-ErrorType"] == "UnknownOperationException"
+    assert answer.value.headers["x-amzn-RequestId"]
