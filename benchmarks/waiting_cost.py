@@ -1,7 +1,8 @@
 """What waiting for N import jobs costs, four ways, on a real Airflow (CeleryExecutor, PostgreSQL, Redis).
 
-Modes: ``deferrable`` (this package's sensor, the default), ``poke`` and ``reschedule`` (the same sensor with
-``deferrable=False``) and ``python`` (a PythonOperator calling boto3 ``get_dicom_import_job`` in a sleep loop,
+Modes: ``deferrable`` (this package's sensor, the default: the triggerer ends the task when the job
+COMPLETED), ``deferrable_resume`` (the same with ``end_from_trigger=False``: the task resumes on a worker, as a
+provider sensor does), ``poke`` and ``reschedule`` (the same sensor with ``deferrable=False``) and ``python`` (a PythonOperator calling boto3 ``get_dicom_import_job`` in a sleep loop,
 what a user writes by hand). For each mode, N jobs of D seconds (``serve --import-seconds D``) are started
 directly with boto3, then one run of ``bench_wait_<mode>`` (``benchmarks/dags/bench_waiting_cost.py``: one
 task per job, all polling every P seconds) is triggered. Modes run one after the other on one deployment.
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.airflow_bench import RunningTimeSampler, Site, deployment, parse_time
 from benchmarks.harness import RESULTS, command_line, machine, write_result
 
-MODES = ("deferrable", "poke", "reschedule", "python")
+MODES = ("deferrable", "deferrable_resume", "poke", "reschedule", "python")
 
 
 def quantile(values: list[float], q: int) -> float:
@@ -138,7 +139,7 @@ def run_mode(deploy: Any, site: Site, mode: str, n: int, duration: float, poll: 
         },
     }
     result["jobs"] = per_job
-    if mode == "deferrable":
+    if mode.startswith("deferrable"):
         mean_job_s = statistics.mean(j["job_s"] for j in per_job)
         result["targets"]["no_slot_while_waiting"] = {
             "target": "slot-seconds per job < 25 % of the mean job duration (only start + resume hold a slot)",

@@ -79,6 +79,10 @@ with _dag("deferrable") as deferrable_dag:
     for i in range(N):
         DICOMImportJobSensor(**_sensor_kwargs(i), deferrable=True)
 
+with _dag("deferrable_resume") as deferrable_resume_dag:
+    for i in range(N):
+        DICOMImportJobSensor(**_sensor_kwargs(i), deferrable=True, end_from_trigger=False)
+
 with _dag("poke") as poke_dag:
     for i in range(N):
         DICOMImportJobSensor(**_sensor_kwargs(i), deferrable=False, mode="poke")

@@ -269,7 +269,7 @@ class HealthImagingHook(AwsBaseHook):
                 body = self.s3_hook.get_conn().get_object(Bucket=bucket, Key=key)["Body"]
                 return body.read().decode("utf-8")
             except ClientError as error:
-                if error.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                if not _is_missing_object(error):
                     raise
                 if attempt < attempts:
                     log.info("%s not found yet (attempt %d/%d)", s3_uri, attempt, attempts)
@@ -297,23 +297,9 @@ class HealthImagingHook(AwsBaseHook):
         :param output_s3_uri: ``jobProperties.outputS3Uri`` (the job folder)
         :param limit: the maximum number of entries
         """
-        text = self.read_s3_text(_join_s3(output_s3_uri, FAILURE_NDJSON), attempts=1)
-        failed: list[dict[str, str]] = []
-        for line in (text or "").splitlines():
-            if len(failed) >= limit:
-                break
-            if not line.strip():
-                continue
-            entry = json.loads(line)
-            exception = entry.get("exception") or {}
-            failed.append(
-                {
-                    "inputFile": str(entry.get("inputFile", "")),
-                    "exceptionType": str(exception.get("exceptionType", "")),
-                    "message": str(exception.get("message", ""))[:300],
-                }
-            )
-        return failed
+        return parse_failed_files(
+            self.read_s3_text(_join_s3(output_s3_uri, FAILURE_NDJSON), attempts=1), limit
+        )
 
     def completed_job_result(
         self, job: Mapping[str, Any], *, attempts: int = 4, delay: float = 2.0
@@ -330,20 +316,62 @@ class HealthImagingHook(AwsBaseHook):
         manifest = self.get_job_output_manifest(output_s3_uri, attempts=attempts, delay=delay)
         if manifest is None:
             return None
-        result: dict[str, Any] = {
-            "jobId": job["jobId"],
-            "jobStatus": job["jobStatus"],
-            "endedAt": to_iso(job.get("endedAt")),
-            "outputS3Uri": output_s3_uri,
-        }
-        result.update({key: int(manifest.get(key) or 0) for key in MANIFEST_COUNT_KEYS})
         failed_files: list[dict[str, str]] = []
-        if result["numberOfFilesWithCustomerError"] or result["numberOfFilesWithServerError"]:
+        if _has_failed_files(manifest):
             failed_files = self.get_failed_files(output_s3_uri)
-        result["failedFiles"] = [
-            {"inputFile": f["inputFile"], "exceptionType": f["exceptionType"]} for f in failed_files
-        ]
-        return result
+        return build_job_result(job, manifest, failed_files)
+
+    async def async_read_s3_text(
+        self, s3_client: Any, s3_uri: str, *, attempts: int = 4, delay: float = 2.0
+    ) -> str | None:
+        """
+        Async :meth:`read_s3_text` with an aiobotocore S3 client (for the triggerer).
+
+        :param s3_client: an open aiobotocore S3 client
+        :param s3_uri: ``s3://bucket/key``
+        :param attempts: how many reads before giving up
+        :param delay: seconds between reads
+        :return: the text, or None when the object is still missing after every attempt
+        """
+        bucket, key = self.s3_hook.parse_s3_url(s3_uri)
+        for attempt in range(1, attempts + 1):
+            try:
+                response = await s3_client.get_object(Bucket=bucket, Key=key)
+                async with response["Body"] as body:
+                    return (await body.read()).decode("utf-8")
+            except ClientError as error:
+                if not _is_missing_object(error):
+                    raise
+                if attempt < attempts:
+                    await asyncio.sleep(delay)
+        return None
+
+    async def async_completed_job_result(
+        self, job: Mapping[str, Any], *, attempts: int = 4, delay: float = 2.0
+    ) -> dict[str, Any] | None:
+        """
+        Async :meth:`completed_job_result`, reading the output folder with aiobotocore (for the triggerer).
+
+        :param job: ``jobProperties`` of the job
+        :param attempts: how many manifest reads before giving up (the manifest may lag)
+        :param delay: seconds between manifest reads
+        :return: the summary, or None while the manifest is not there yet
+        """
+        output_s3_uri = str(job["outputS3Uri"])
+        async with await self.s3_hook.get_async_conn() as s3_client:
+            text = await self.async_read_s3_text(
+                s3_client, _join_s3(output_s3_uri, MANIFEST_NAME), attempts=attempts, delay=delay
+            )
+            if text is None:
+                return None
+            manifest = json.loads(text)["jobSummary"]
+            failed_files: list[dict[str, str]] = []
+            if _has_failed_files(manifest):
+                failures = await self.async_read_s3_text(
+                    s3_client, _join_s3(output_s3_uri, FAILURE_NDJSON), attempts=1
+                )
+                failed_files = parse_failed_files(failures)
+        return build_job_result(job, manifest, failed_files)
 
     def failed_job_message(self, job: Mapping[str, Any]) -> str:
         """
@@ -363,6 +391,64 @@ class HealthImagingHook(AwsBaseHook):
             )
             text += f". First failed files: {reasons}"
         return text
+
+
+def parse_failed_files(text: str | None, limit: int = 5) -> list[dict[str, str]]:
+    """
+    Read the first entries of a ``FAILURE/failure.ndjson``: input file key, exception type and message.
+
+    :param text: the file's text, or None when it is missing
+    :param limit: the maximum number of entries
+    """
+    failed: list[dict[str, str]] = []
+    for line in (text or "").splitlines():
+        if len(failed) >= limit:
+            break
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        exception = entry.get("exception") or {}
+        failed.append(
+            {
+                "inputFile": str(entry.get("inputFile", "")),
+                "exceptionType": str(exception.get("exceptionType", "")),
+                "message": str(exception.get("message", ""))[:300],
+            }
+        )
+    return failed
+
+
+def build_job_result(
+    job: Mapping[str, Any], manifest: Mapping[str, Any], failed_files: list[dict[str, str]]
+) -> dict[str, Any]:
+    """
+    The XCom summary of a COMPLETED job: status, end time, output folder, manifest counts, failed files.
+
+    :param job: ``jobProperties`` of the job
+    :param manifest: ``jobSummary`` of its ``job-output-manifest.json``
+    :param failed_files: the first entries of its ``failure.ndjson`` (their messages are left out)
+    """
+    result: dict[str, Any] = {
+        "jobId": job["jobId"],
+        "jobStatus": job["jobStatus"],
+        "endedAt": to_iso(job.get("endedAt")),
+        "outputS3Uri": str(job["outputS3Uri"]),
+    }
+    result.update({key: int(manifest.get(key) or 0) for key in MANIFEST_COUNT_KEYS})
+    result["failedFiles"] = [
+        {"inputFile": f["inputFile"], "exceptionType": f["exceptionType"]} for f in failed_files
+    ]
+    return result
+
+
+def _is_missing_object(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404")
+
+
+def _has_failed_files(manifest: Mapping[str, Any]) -> bool:
+    return bool(
+        manifest.get("numberOfFilesWithCustomerError") or manifest.get("numberOfFilesWithServerError")
+    )
 
 
 def check_failed_files(result: Mapping[str, Any], max_failed_files: int | str | None) -> str | None:

@@ -251,6 +251,9 @@ def test_run_succeeds_and_sensor_is_deferred_while_in_progress(
     assert run["state"] == "success", describe(api, run_id)
     assert_run_matches_manifest(api, site, run_id, "incoming/one/")
     assert len(site.jobs()) == 1
+    # The triggerer ended the sensor and pushed the summary checked above: no worker resumed it.
+    log = api.task_log(DAG_ID, run_id, WAIT, ti_of(api, run_id, WAIT)["try_number"], 0)
+    assert "ending the task from the triggerer" in log, log[-3000:]
 
 
 # --- 2 ---------------------------------------------------------------------------------------------------

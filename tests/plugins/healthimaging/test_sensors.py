@@ -12,6 +12,7 @@ from airflow.sdk.exceptions import (
     AirflowSensorTimeout,
     TaskDeferred,
 )
+from airflow.triggers.base import TaskSuccessEvent
 from botocore.exceptions import EndpointConnectionError
 
 from healthimaging.hooks import HealthImagingHook
@@ -166,6 +167,10 @@ def test_deferrable_pokes_once_then_defers(stubber, kit, context) -> None:
         "datastore_id": kit.DATASTORE_ID,
         "job_id": kit.JOB_ID,
         "poll_jitter": None,
+        "end_from_trigger": True,
+        "max_failed_files": None,
+        "manifest_attempts": 3,
+        "manifest_delay": 0,
         "waiter_delay": 7,
         "waiter_max_attempts": trigger.attempts,
         "aws_conn_id": "aws_default",
@@ -227,6 +232,34 @@ def test_execute_complete_success(stubber, s3, kit, context) -> None:
     kit.put_job_outputs(s3, kit.manifest())
     result = _sensor(kit).execute_complete(context, {"status": "success", "job_id": kit.JOB_ID})
     assert result["outputS3Uri"] == kit.JOB_FOLDER
+
+
+def test_execute_complete_after_a_task_ending_event_under_dag_test(stubber, s3, kit, context) -> None:
+    """``dag.test()`` resumes a task whose trigger ended it, with the state as the event: same result."""
+    _expect_job(stubber, kit, "COMPLETED")
+    kit.put_job_outputs(s3, kit.manifest())
+    result = _sensor(kit).execute_complete(context, "success")
+    assert result["outputS3Uri"] == kit.JOB_FOLDER
+
+
+@pytest.mark.parametrize(
+    ("setting", "listeners", "expected"),
+    [(None, False, True), (None, True, False), (False, False, False), (True, True, True)],
+)
+def test_end_from_trigger_unless_listeners(stubber, kit, context, setting, listeners, expected) -> None:
+    """By default the trigger ends the task, except where listener plugins would miss its success."""
+    _expect_job(stubber, kit, "IN_PROGRESS")
+    sensor = _sensor(kit, end_from_trigger=setting, max_failed_files="{{ 2 }}")
+    sensor.render_template_fields(context, jinja_env=jinja2.Environment())
+    manager = mock.MagicMock(has_listeners=listeners)
+    with (
+        mock.patch("airflow.sdk.listener.get_listener_manager", return_value=manager),
+        pytest.raises(TaskDeferred) as deferred,
+    ):
+        sensor.execute(context)
+    trigger = deferred.value.trigger
+    assert trigger.end_from_trigger is expected
+    assert trigger.max_failed_files == 2
 
 
 def test_execute_complete_error(stubber, s3, kit, context) -> None:
@@ -350,6 +383,32 @@ def test_deferrable_against_endpoint(live, kit) -> None:
     with pytest.raises(TaskDeferred) as deferred:
         sensor.execute(context)
     event = asyncio.run(deferred.value.trigger.run().asend(None))
+    # The trigger ends the task with the result the worker would have returned.
+    assert isinstance(event, TaskSuccessEvent)
     result = sensor.execute_complete(context, event.payload)
     assert result["jobStatus"] == "COMPLETED"
     assert result["numberOfImportedFiles"] == 4
+    assert event.xcoms == {"return_value": result}
+
+
+@pytest.mark.slow
+def test_deferrable_without_end_from_trigger_resumes_on_a_worker(live, kit) -> None:
+    import asyncio
+
+    live.upload("study")
+    job_id = live.start_job("study")
+    sensor = _sensor(
+        kit,
+        datastore_id=live.datastore_id,
+        job_id=job_id,
+        poke_interval=1,
+        timeout=60,
+        end_from_trigger=False,
+    )
+    context = kit.make_context()
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute(context)
+    event = asyncio.run(deferred.value.trigger.run().asend(None))
+    assert not isinstance(event, TaskSuccessEvent)
+    assert event.payload == {"status": "success", "job_id": job_id}
+    assert sensor.execute_complete(context, event.payload)["numberOfImportedFiles"] == 4

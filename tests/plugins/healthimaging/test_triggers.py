@@ -6,7 +6,7 @@ from unittest import mock
 import boto3
 import pytest
 from airflow.providers.amazon.aws.hooks.base_aws import AwsGenericHook
-from airflow.triggers.base import TriggerEvent
+from airflow.triggers.base import TaskSuccessEvent, TriggerEvent
 from botocore.exceptions import EndpointConnectionError, WaiterError
 
 from healthimaging.hooks import HealthImagingHook
@@ -40,6 +40,10 @@ def test_serialize() -> None:
         "datastore_id": DS,
         "job_id": JOB,
         "poll_jitter": None,
+        "end_from_trigger": False,
+        "max_failed_files": None,
+        "manifest_attempts": 3,
+        "manifest_delay": 2.0,
         "waiter_delay": 0,
         "waiter_max_attempts": 5,
         "aws_conn_id": "hi",
@@ -54,6 +58,7 @@ def test_serialize() -> None:
     [
         {},
         {"poll_jitter": 2.5},
+        {"end_from_trigger": True, "max_failed_files": 3, "manifest_attempts": 1, "manifest_delay": 0.5},
         {"aws_conn_id": None},
         {"region_name": "eu-west-1", "verify": False, "botocore_config": {"retries": {"mode": "standard"}}},
     ],
@@ -177,6 +182,75 @@ async def test_run_against_endpoint_completed(live, caplog) -> None:
         "jobProperties"
     ]
     assert job["jobStatus"] == "COMPLETED"
+
+
+def _job_with_one_non_dicom_file(live, max_failed_files: int) -> tuple[str, DICOMImportJobTrigger]:
+    """Start a job on a study plus one non-DICOM file; return it and a task-ending trigger waiting for it."""
+    live.upload("study")
+    live.s3.put_object(Bucket="input", Key="study/notes.txt", Body=b"not dicom")
+    job_id = live.start_job("study")
+    trigger = DICOMImportJobTrigger(
+        datastore_id=live.datastore_id,
+        job_id=job_id,
+        waiter_delay=1,
+        waiter_max_attempts=30,
+        end_from_trigger=True,
+        max_failed_files=max_failed_files,
+    )
+    return job_id, trigger
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_end_from_trigger_pushes_what_the_worker_would_return(live) -> None:
+    """A COMPLETED job ends the task in the triggerer, with the worker path's summary (failed files included)."""
+    job_id, trigger = _job_with_one_non_dicom_file(live, max_failed_files=1)
+    trigger._log = mock.MagicMock()
+    event = await trigger.run().asend(None)
+    assert isinstance(event, TaskSuccessEvent)
+    job = live.medical_imaging.get_dicom_import_job(datastoreId=live.datastore_id, jobId=job_id)[
+        "jobProperties"
+    ]
+    expected = HealthImagingHook().completed_job_result(job)
+    assert expected is not None
+    assert expected["failedFiles"] == [
+        {"inputFile": "study/notes.txt", "exceptionType": "ValidationException"}
+    ]
+    assert event.xcoms == {"return_value": expected}
+    warned = [call.args[1] for call in trigger._log.warning.call_args_list]
+    assert any(f"DICOM import job {job_id} COMPLETED with 1 failed file(s)" in text for text in warned)
+    assert "ending the task from the triggerer" in trigger._log.info.call_args.args[0]
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_end_from_trigger_leaves_too_many_failed_files_to_the_worker(live) -> None:
+    job_id, trigger = _job_with_one_non_dicom_file(live, max_failed_files=0)
+    event = await trigger.run().asend(None)
+    assert not isinstance(event, TaskSuccessEvent)
+    assert event.payload == {"status": "success", "job_id": job_id}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "outcome",
+    [None, EndpointConnectionError(endpoint_url="http://x")],
+    ids=["manifest-not-there-yet", "s3-unreachable"],
+)
+async def test_end_from_trigger_resumes_on_a_worker_when_the_manifest_cannot_be_read(outcome) -> None:
+    job = {"jobId": JOB, "jobStatus": "COMPLETED", "outputS3Uri": "s3://output/x/"}
+    client = mock.MagicMock()
+    client.__aenter__ = mock.AsyncMock(return_value=client)
+    client.__aexit__ = mock.AsyncMock(return_value=False)
+    client.get_dicom_import_job = mock.AsyncMock(return_value={"jobProperties": job})
+    result = mock.AsyncMock(side_effect=[outcome]) if outcome else mock.AsyncMock(return_value=None)
+    with (
+        mock.patch.object(HealthImagingHook, "get_async_conn", mock.AsyncMock(return_value=client)),
+        mock.patch.object(HealthImagingHook, "async_completed_job_result", result),
+    ):
+        event = await _trigger(end_from_trigger=True)._task_end_event()
+    assert event is None
+    result.assert_awaited_once()
 
 
 @pytest.mark.slow
