@@ -40,9 +40,9 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         (templated; a rendered string such as ``"3"`` or ``"None"`` is parsed)
     :param first_poke_jitter: wait up to this many seconds (random) before the first check, to spread
         many sensors started together
-    :param poll_jitter: deferrable mode: at most this many seconds of random delay added to every poll in
-        the triggerer, so that many deferred sensors do not poll in bursts; None means a tenth of
-        ``poke_interval``
+    :param poll_jitter: deferrable mode: polls in the triggerer come ``poke_interval`` apart on average, each
+        moved by a random amount within this many seconds, so that many deferred sensors do not poll in bursts;
+        None means a tenth of ``poke_interval``
     :param end_from_trigger: deferrable mode: when the job COMPLETED within ``max_failed_files``, end the task
         in the triggerer (it reads the manifest and pushes the same XCom) instead of resuming it on a worker,
         which saves a worker start and seconds of latency. None (default) does so unless listener plugins

@@ -34,9 +34,9 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
     :param job_id: the import job id
     :param waiter_delay: seconds between polls
     :param waiter_max_attempts: the most polls before giving up
-    :param poll_jitter: at most this many seconds of random delay added to every poll, so that many
-        triggers spread their GetDICOMImportJob calls (25 per second by default); None means a tenth of
-        ``waiter_delay``
+    :param poll_jitter: polls come ``waiter_delay`` seconds apart on average, each moved by a random amount
+        within this many seconds, so that many triggers spread their GetDICOMImportJob calls (25 per second by
+        default); None means a tenth of ``waiter_delay``
     :param end_from_trigger: end the task from the triggerer when the job COMPLETED within the policy
     :param max_failed_files: with ``end_from_trigger``: more failed files than this resume the task on a worker
         (which fails it); None tolerates any number
@@ -108,11 +108,43 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
         return hook
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        async for event in super().run():
-            if self.end_from_trigger and event.payload.get("status") == "success":
-                yield await self._task_end_event() or event
-            else:
-                yield event
+        event = await self._wait()
+        if self.end_from_trigger and event.payload.get("status") == "success":
+            yield await self._task_end_event() or event
+        else:
+            yield event
+
+    async def _wait(self) -> TriggerEvent:
+        """
+        Poll through the waiter as ``AwsBaseWaiterTrigger.run`` does, ``waiter_delay`` apart on average.
+
+        Every poll is delayed by a random ``0..poll_jitter`` seconds (in the hook's waiter), so the sleep between
+        polls is shortened by half of that.
+        """
+        from airflow.providers.amazon.aws.utils.waiter_with_logging import async_wait
+        from airflow.providers.common.compat.sdk import AirflowException
+
+        hook = self.hook()
+        async with await hook.get_async_conn() as client:
+            waiter = hook.get_waiter(
+                self.waiter_name,
+                deferrable=True,
+                client=client,
+                config_overrides=self.waiter_config_overrides,
+            )
+            try:
+                await async_wait(
+                    waiter,
+                    max(0.0, self.waiter_delay - self.poll_jitter / 2),  # type: ignore[arg-type]  # to asyncio.sleep
+                    self.attempts,
+                    self.waiter_args,
+                    self.failure_message,
+                    self.status_message,
+                    self.status_queries,
+                )
+            except AirflowException as error:
+                return self._event_from_exception(error)
+        return TriggerEvent({"status": "success", self.return_key: self.return_value})
 
     async def _task_end_event(self) -> TaskSuccessEvent | None:
         """The event that ends the task with the job's summary, or None to resume the task on a worker."""

@@ -294,6 +294,26 @@ async def test_run_survives_endpoint_restart(live, tmp_path) -> None:
     assert event.payload == {"status": "success", "job_id": job_id}
 
 
+@pytest.mark.asyncio
+async def test_polls_come_waiter_delay_apart_on_average() -> None:
+    """Each poll waits a random 0..jitter before it, so the sleep between polls is shorter by half the jitter."""
+    trigger = _trigger(waiter_delay=10, poll_jitter=2)
+    client = mock.MagicMock()
+    client.__aenter__ = mock.AsyncMock(return_value=client)
+    client.__aexit__ = mock.AsyncMock(return_value=False)
+    with (
+        mock.patch.object(HealthImagingHook, "get_async_conn", mock.AsyncMock(return_value=client)),
+        mock.patch.object(AwsGenericHook, "get_waiter", return_value=mock.MagicMock()),
+        mock.patch(
+            "airflow.providers.amazon.aws.utils.waiter_with_logging.async_wait", mock.AsyncMock()
+        ) as async_wait,
+    ):
+        event = await trigger.run().asend(None)
+    assert event.payload == {"status": "success", "job_id": JOB}
+    assert async_wait.await_args.args[1] == 9.0
+    assert async_wait.await_args.args[0]._jitter == 2
+
+
 def test_poll_jitter_defaults_to_a_tenth_of_the_delay_and_reaches_the_async_waiter() -> None:
     assert _trigger(waiter_delay=30).poll_jitter == 3.0
     assert _trigger(waiter_delay=30, poll_jitter=0).poll_jitter == 0.0
