@@ -54,20 +54,23 @@ GET_JOB_LINE = re.compile(
 
 
 @contextlib.contextmanager
-def deployment(dag_files: list[str], worker_concurrency: int, extra_env: dict[str, str]) -> Iterator[Any]:
+def deployment(
+    dag_files: list[str] | dict[str, str], worker_concurrency: int, extra_env: dict[str, str]
+) -> Iterator[Any]:
     """A started ``AirflowDeployment`` whose DAGs folder holds only ``dag_files`` (from ``benchmarks/dags``).
 
     Every component is stopped and the temporary folder removed on exit; the log tails are printed on error.
 
-    :param dag_files: file names in ``benchmarks/dags``
+    :param dag_files: file names in ``benchmarks/dags``, or a mapping of link names in the DAGs folder to them
     :param worker_concurrency: Celery worker slots
     :param extra_env: environment added to every Airflow component (parse-time DAG settings)
     """
     base = Path(tempfile.mkdtemp(prefix="airflow_bench_"))
     dags = base / "dags"
     dags.mkdir()
-    for name in dag_files:
-        (dags / name).symlink_to(BENCH_DAGS / name)
+    links = dag_files if isinstance(dag_files, dict) else {name: name for name in dag_files}
+    for link, name in links.items():
+        (dags / link).symlink_to(BENCH_DAGS / name)
     settings = DeploymentSettings(
         dags_folder=dags, extra_env=extra_env, worker_concurrency=worker_concurrency
     )
@@ -197,6 +200,8 @@ class RunningTimeSampler:
         self.api = AirflowApi(deploy.api.base_url, ADMIN_USER, deploy.password)
         self.dag_id, self.run_id, self.interval = dag_id, run_id, interval
         self.running_seconds: defaultdict[str, float] = defaultdict(float)
+        #: per task instance, every sample as (UTC time, state, seconds since the previous sample)
+        self.timeline: defaultdict[str, list[tuple[datetime, str, float]]] = defaultdict(list)
         self.state_seconds: defaultdict[str, float] = defaultdict(float)
         self.max_running = 0
         self.max_deferred = 0
@@ -214,6 +219,10 @@ class RunningTimeSampler:
             now = time.monotonic()
             if tis is not None:
                 dt = now - last
+                sampled = utcnow()
+                for ti in tis:
+                    key = f"{ti['task_id']}[{ti['map_index']}]"
+                    self.timeline[key].append((sampled, str(ti["state"]), dt))
                 running = [ti for ti in tis if ti["state"] == "running"]
                 for ti in running:
                     self.running_seconds[f"{ti['task_id']}[{ti['map_index']}]"] += dt

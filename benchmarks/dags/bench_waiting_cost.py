@@ -1,6 +1,6 @@
 """Benchmark DAGs of ``benchmarks/waiting_cost.py``: one DAG per way of waiting, one task per import job.
 
-Parse-time settings (environment): ``BENCH_WAIT_N`` tasks per DAG, ``BENCH_WAIT_POLL`` seconds between polls.
+Linked into the DAGs folder once per mode as ``bench_wait_<mode>.py``. Parse-time settings (environment): ``BENCH_WAIT_N`` tasks per DAG, ``BENCH_WAIT_POLL`` seconds between polls.
 Each run's conf names the data store, the job ids (task ``wait_<i>`` waits for ``job_ids[i]``) and, for the
 hand-written PythonOperator, the endpoint URL.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pendulum
@@ -75,32 +76,36 @@ def _sensor_kwargs(i: int) -> dict[str, Any]:
     }
 
 
-with _dag("deferrable") as deferrable_dag:
-    for i in range(N):
-        DICOMImportJobSensor(**_sensor_kwargs(i), deferrable=True)
+def _build(mode: str) -> DAG:
+    with _dag(mode) as dag:
+        for i in range(N):
+            if mode == "python":
+                PythonOperator(
+                    task_id=f"wait_{i:03d}",
+                    python_callable=wait_by_hand,
+                    op_kwargs={
+                        "datastore_id": "{{ params.datastore_id }}",
+                        "job_id": f"{{{{ params.job_ids[{i}] }}}}",
+                        "endpoint_url": "{{ params.endpoint_url }}",
+                        "poll": POLL,
+                    },
+                    execution_timeout=timedelta(hours=1),
+                )
+            else:
+                DICOMImportJobSensor(**_sensor_kwargs(i), **SENSOR_MODES[mode])
+    return dag
 
-with _dag("deferrable_resume") as deferrable_resume_dag:
-    for i in range(N):
-        DICOMImportJobSensor(**_sensor_kwargs(i), deferrable=True, end_from_trigger=False)
 
-with _dag("poke") as poke_dag:
-    for i in range(N):
-        DICOMImportJobSensor(**_sensor_kwargs(i), deferrable=False, mode="poke")
+SENSOR_MODES: dict[str, dict[str, Any]] = {
+    "deferrable": {"deferrable": True},
+    "deferrable_resume": {"deferrable": True, "end_from_trigger": False},
+    "poke": {"deferrable": False, "mode": "poke"},
+    "reschedule": {"deferrable": False, "mode": "reschedule"},
+}
+MODES = (*SENSOR_MODES, "python")
 
-with _dag("reschedule") as reschedule_dag:
-    for i in range(N):
-        DICOMImportJobSensor(**_sensor_kwargs(i), deferrable=False, mode="reschedule")
-
-with _dag("python") as python_dag:
-    for i in range(N):
-        PythonOperator(
-            task_id=f"wait_{i:03d}",
-            python_callable=wait_by_hand,
-            op_kwargs={
-                "datastore_id": "{{ params.datastore_id }}",
-                "job_id": f"{{{{ params.job_ids[{i}] }}}}",
-                "endpoint_url": "{{ params.endpoint_url }}",
-                "poll": POLL,
-            },
-            execution_timeout=timedelta(hours=1),
-        )
+# Linked into the DAGs folder as bench_wait_<mode>.py, this file builds only that mode's DAG, so a task start
+# parses one DAG of N tasks, as it would in a user's deployment; under its own name it builds them all.
+_own_mode = Path(__file__).stem.removeprefix("bench_wait_")
+for _mode in [_own_mode] if _own_mode in MODES else MODES:
+    globals()[f"{_mode}_dag"] = _build(_mode)
