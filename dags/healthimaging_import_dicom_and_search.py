@@ -107,6 +107,15 @@ MAX_ACTIVE_RUNS = int(os.environ.get("HEALTHIMAGING_MAX_ACTIVE_RUNS", "8"))
 MAX_PREFIXES_PER_RUN = 1000
 IMPORT_TIMEOUT = timedelta(hours=12)
 
+#: JSON Schema dialect of every Param's schema. Airflow checks a Param with ``jsonschema.validate``, which first
+#: checks the schema itself against its dialect's meta-schema; without ``$schema`` that is draft 2020-12, whose
+#: meta-schema spans eight vocabularies joined by ``$dynamicRef`` and takes two to three times as long to check as
+#: draft 7's single document. Airflow runs that check for every Param when the file is parsed, about ten times
+#: more while it serializes the DAG, and again on every trigger. The keywords used here mean the same in both
+#: drafts; a test checks that draft 2020-12 accepts and refuses the same values.
+JSON_SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"
+_DIALECT: dict[str, Any] = {"$schema": JSON_SCHEMA_DIALECT}
+
 _DATASTORE_ID_SCHEMA: dict[str, Any] = {"pattern": "^[0-9a-z]{32}$", "minLength": 32, "maxLength": 32}
 _ROLE_ARN_SCHEMA: dict[str, Any] = {
     "pattern": "^arn:aws(-[^:]+)?:iam::[0-9]{12}:role/.+$",
@@ -121,17 +130,20 @@ _S3_URI_SCHEMA: dict[str, Any] = {
 _JOB_NAME_SCHEMA: dict[str, Any] = {"pattern": "^[A-Za-z0-9._/#-]+$", "minLength": 1, "maxLength": 64}
 _CLIENT_TOKEN_SCHEMA: dict[str, Any] = {"pattern": "^[A-Za-z0-9._-]+$", "minLength": 1, "maxLength": 64}
 #: SearchImageSets ``searchCriteria`` as JSON schema, so the trigger form refuses malformed criteria. A literal
-#: (a Param cannot read the botocore model without importing botocore at parse time); a test keeps the attribute
-#: list equal to the model's ``SearchByAttributeValue`` members. EQUAL/BETWEEN value counts and the attributes
-#: BETWEEN takes are checked in ``resolve_imports`` (``healthimaging.validation.parse_search_criteria``).
+#: (a Param cannot read the botocore model without importing botocore at parse time); a test checks it against the
+#: model (members, required members, list and string lengths, patterns, enums). EQUAL/BETWEEN value counts and the
+#: attributes BETWEEN takes are checked in ``resolve_imports`` (``healthimaging.validation.parse_search_criteria``).
+_DICOM_STRING: dict[str, Any] = {"type": "string", "maxLength": 512}
+_DICOM_UID: dict[str, Any] = {"type": "string", "maxLength": 512, "pattern": "^[0-9.]*$"}
+_TIMESTAMP: dict[str, Any] = {"type": ["string", "number"]}  # ISO 8601 or epoch seconds, as boto3 takes it
 SEARCH_ATTRIBUTE_SCHEMAS: dict[str, dict[str, Any]] = {
-    "DICOMPatientId": {"type": "string", "maxLength": 512},
-    "DICOMAccessionNumber": {"type": "string", "maxLength": 512},
-    "DICOMStudyId": {"type": "string", "maxLength": 512},
-    "DICOMStudyInstanceUID": {"type": "string", "maxLength": 512, "pattern": "^[0-9.]*$"},
-    "DICOMSeriesInstanceUID": {"type": "string", "maxLength": 512, "pattern": "^[0-9.]*$"},
-    "createdAt": {"type": ["string", "number"]},
-    "updatedAt": {"type": ["string", "number"]},
+    "DICOMPatientId": _DICOM_STRING,
+    "DICOMAccessionNumber": _DICOM_STRING,
+    "DICOMStudyId": _DICOM_STRING,
+    "DICOMStudyInstanceUID": _DICOM_UID,
+    "DICOMSeriesInstanceUID": _DICOM_UID,
+    "createdAt": _TIMESTAMP,
+    "updatedAt": _TIMESTAMP,
     "DICOMStudyDateAndTime": {
         "type": "object",
         "properties": {
@@ -202,6 +214,7 @@ WORKFLOW_INPUT_PARAMS = {
 PARAMS: dict[str, Param] = {
     "datastore_id": Param(
         None,
+        **_DIALECT,
         type=["null", "string"],
         title="Data store id (datastoreId)",
         description="ID of the ACTIVE HealthImaging data store to import into (32 lower-case letters/digits). "
@@ -210,6 +223,7 @@ PARAMS: dict[str, Param] = {
     ),
     "data_access_role_arn": Param(
         None,
+        **_DIALECT,
         type=["null", "string"],
         title="Data access role ARN (dataAccessRoleArn)",
         description="IAM role that HealthImaging assumes to read the input and write the output prefix. "
@@ -218,6 +232,7 @@ PARAMS: dict[str, Param] = {
     ),
     "input_s3_uri": Param(
         None,
+        **_DIALECT,
         type=["null", "string"],
         title="Input S3 prefix (inputS3Uri)",
         description="S3 prefix holding the DICOM P10 files of one import, e.g. `s3://bucket/incoming/2025/01/31/`. "
@@ -227,6 +242,7 @@ PARAMS: dict[str, Param] = {
     ),
     "input_s3_uris": Param(
         [],
+        **_DIALECT,
         type="array",
         title="More input S3 prefixes (one import each)",
         description="Manual multi-prefix run: one import job per prefix (added to `input_s3_uri` if both are set). "
@@ -237,6 +253,7 @@ PARAMS: dict[str, Param] = {
     ),
     "output_s3_uri": Param(
         None,
+        **_DIALECT,
         type=["null", "string"],
         title="Output S3 prefix (outputS3Uri)",
         description="S3 prefix where HealthImaging writes the job output manifest and failure/success logs. "
@@ -245,6 +262,7 @@ PARAMS: dict[str, Param] = {
     ),
     "job_name": Param(
         None,
+        **_DIALECT,
         type=["null", "string"],
         title="Job name (jobName)",
         description="Optional name of the import job(s), 1-64 of `A-Z a-z 0-9 . _ / # -`.",
@@ -252,6 +270,7 @@ PARAMS: dict[str, Param] = {
     ),
     "client_token": Param(
         None,
+        **_DIALECT,
         type=["null", "string"],
         title="Client token (clientToken)",
         description="Optional idempotency token, 1-64 of `A-Z a-z 0-9 . _ -`, for a single prefix only. Empty: a "
@@ -260,6 +279,7 @@ PARAMS: dict[str, Param] = {
     ),
     "search_criteria": Param(
         {},
+        **_DIALECT,
         type="object",
         title="Search criteria",
         description="The workflow's SearchImageSets `searchCriteria`: 1-2 `filters` (`EQUAL` with one value, "
@@ -270,6 +290,7 @@ PARAMS: dict[str, Param] = {
     ),
     "max_results": Param(
         50,
+        **_DIALECT,
         type="integer",
         minimum=1,
         maximum=50,
@@ -278,6 +299,7 @@ PARAMS: dict[str, Param] = {
     ),
     "include_phi": Param(
         False,
+        **_DIALECT,
         type="boolean",
         title="Include PHI in XCom",
         description="Keep patient/study DICOM attributes in the `imageSetsMetadataSummaries` XCom. Off: ids, "
@@ -285,6 +307,7 @@ PARAMS: dict[str, Param] = {
     ),
     "max_failed_files": Param(
         None,
+        **_DIALECT,
         type=["null", "integer"],
         minimum=0,
         title="Max failed files",

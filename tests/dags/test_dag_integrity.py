@@ -35,6 +35,58 @@ VALID_CONF: dict[str, Any] = {
     "max_failed_files": 0,
 }
 
+#: (param, value) pairs the trigger form must refuse.
+BAD_PARAM_VALUES: list[tuple[str, Any]] = [
+    ("datastore_id", "0123456789ABCDEF0123456789ABCDEF"),
+    ("datastore_id", "0123456789abcdef"),
+    ("datastore_id", 123),
+    ("data_access_role_arn", "arn:aws:iam::1234:role/x"),
+    ("data_access_role_arn", "arn:aws:s3:::bucket"),
+    ("data_access_role_arn", "arn:aws:iam::123456789012:user/someone"),
+    ("input_s3_uri", "https://bucket/prefix/"),
+    ("input_s3_uri", "s3://UPPER/prefix/"),
+    ("input_s3_uri", "s3://a/prefix/"),
+    ("input_s3_uris", ["s3://dicom-bucket/ok/", "not-a-uri"]),
+    ("input_s3_uris", "s3://dicom-bucket/ok/"),
+    ("input_s3_uris", ["s3://dicom-bucket/ok/", "s3://dicom-bucket/ok/"]),
+    ("output_s3_uri", "s3:/dicom-bucket/out/"),
+    ("job_name", "bad name with spaces"),
+    ("job_name", "x" * 65),
+    ("client_token", "bad/token"),
+    ("client_token", "t" * 65),
+    ("max_results", 0),
+    ("max_results", 51),
+    ("max_results", "50"),
+    ("include_phi", "yes"),
+    ("max_failed_files", -1),
+    ("search_criteria", []),
+    ("search_criteria", {"filters": []}),
+    ("search_criteria", {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientName": "x"}]}]}),
+    ("search_criteria", {"filters": [{"operator": "LIKE", "values": [{"DICOMPatientId": "x"}]}]}),
+    ("search_criteria", {"filters": [{"operator": "EQUAL", "values": [{"isPrimary": "yes"}]}]}),
+    (
+        "search_criteria",
+        {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": "x", "DICOMStudyId": "y"}]}]},
+    ),
+    (
+        "search_criteria",
+        {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": "x"}]}] * 3},
+    ),
+    ("search_criteria", {"sort": {"sortOrder": "UP", "sortField": "createdAt"}}),
+    ("search_criteria", {"sort": {"sortOrder": "ASC"}}),
+    ("search_criteria", {"where": 1}),
+    ("search_criteria", {"filters": [{"values": [{"DICOMPatientId": "x"}]}]}),
+    ("search_criteria", {"filters": [{"operator": "EQUAL", "values": []}]}),
+    ("search_criteria", {"filters": [{"operator": "BETWEEN", "values": [{"createdAt": 1}] * 3}]}),
+    ("search_criteria", {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": "p" * 513}]}]}),
+    ("search_criteria", {"filters": [{"operator": "EQUAL", "values": [{"DICOMStudyInstanceUID": "1.2.x"}]}]}),
+    ("search_criteria", {"filters": [{"operator": "EQUAL", "values": [{"createdAt": True}]}]}),
+    (
+        "search_criteria",
+        {"filters": [{"operator": "EQUAL", "values": [{"DICOMStudyDateAndTime": {"DICOMStudyTime": "1"}}]}]},
+    ),
+]
+
 
 def test_dag_files_found() -> None:
     assert {p.stem for p in DAG_FILES} >= {IMPORT_DAG_ID, EXAMPLE_DAG_ID}
@@ -151,52 +203,7 @@ class TestParams:
     def test_valid_conf(self, serialized_dag: Any) -> None:
         assert self.validate(serialized_dag, VALID_CONF)["max_results"] == 25
 
-    @pytest.mark.parametrize(
-        ("name", "value"),
-        [
-            ("datastore_id", "0123456789ABCDEF0123456789ABCDEF"),
-            ("datastore_id", "0123456789abcdef"),
-            ("datastore_id", 123),
-            ("data_access_role_arn", "arn:aws:iam::1234:role/x"),
-            ("data_access_role_arn", "arn:aws:s3:::bucket"),
-            ("data_access_role_arn", "arn:aws:iam::123456789012:user/someone"),
-            ("input_s3_uri", "https://bucket/prefix/"),
-            ("input_s3_uri", "s3://UPPER/prefix/"),
-            ("input_s3_uri", "s3://a/prefix/"),
-            ("input_s3_uris", ["s3://dicom-bucket/ok/", "not-a-uri"]),
-            ("input_s3_uris", "s3://dicom-bucket/ok/"),
-            ("input_s3_uris", ["s3://dicom-bucket/ok/", "s3://dicom-bucket/ok/"]),
-            ("output_s3_uri", "s3:/dicom-bucket/out/"),
-            ("job_name", "bad name with spaces"),
-            ("job_name", "x" * 65),
-            ("client_token", "bad/token"),
-            ("client_token", "t" * 65),
-            ("max_results", 0),
-            ("max_results", 51),
-            ("max_results", "50"),
-            ("include_phi", "yes"),
-            ("max_failed_files", -1),
-            ("search_criteria", []),
-            ("search_criteria", {"filters": []}),
-            ("search_criteria", {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientName": "x"}]}]}),
-            ("search_criteria", {"filters": [{"operator": "LIKE", "values": [{"DICOMPatientId": "x"}]}]}),
-            ("search_criteria", {"filters": [{"operator": "EQUAL", "values": [{"isPrimary": "yes"}]}]}),
-            (
-                "search_criteria",
-                {
-                    "filters": [
-                        {"operator": "EQUAL", "values": [{"DICOMPatientId": "x", "DICOMStudyId": "y"}]}
-                    ]
-                },
-            ),
-            (
-                "search_criteria",
-                {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": "x"}]}] * 3},
-            ),
-            ("search_criteria", {"sort": {"sortOrder": "UP", "sortField": "createdAt"}}),
-            ("search_criteria", {"where": 1}),
-        ],
-    )
+    @pytest.mark.parametrize(("name", "value"), BAD_PARAM_VALUES)
     def test_bad_value_refused(self, serialized_dag: Any, name: str, value: Any) -> None:
         from airflow.sdk.exceptions import ParamValidationError
 
@@ -204,29 +211,104 @@ class TestParams:
             self.validate(serialized_dag, {**VALID_CONF, name: value})
 
     def test_search_criteria_schema_matches_the_service_model(self, import_dag_module: Any) -> None:
-        """The literal schema in the DAG names exactly the model's search attributes, operators and sort enums."""
+        """
+        The literal schema in the DAG follows the model: members, required members, list lengths, string lengths
+        and patterns, operators and sort enums.
+        """
         import botocore.session
 
         model = botocore.session.get_session().get_service_model("medical-imaging")
+        criteria = model.shape_for("SearchCriteria")
         schema = import_dag_module.PARAMS["search_criteria"].schema
-        search_filter = schema["properties"]["filters"]["items"]
-        value = search_filter["properties"]["values"]["items"]
-        assert list(value["properties"]) == list(model.shape_for("SearchByAttributeValue").members)
-        assert set(value["properties"]["DICOMStudyDateAndTime"]["properties"]) == set(
-            model.shape_for("DICOMStudyDateAndTime").members
+        assert set(schema["properties"]) == set(criteria.members)
+        filters_shape = criteria.members["filters"]
+        filters = schema["properties"]["filters"]
+        assert (filters["minItems"], filters["maxItems"]) == (
+            filters_shape.metadata["min"],
+            filters_shape.metadata["max"],
         )
+        search_filter = filters["items"]
+        filter_shape = filters_shape.member
+        assert set(search_filter["properties"]) == set(filter_shape.members)
+        assert set(search_filter["required"]) == set(filter_shape.required_members)
         assert search_filter["properties"]["operator"]["enum"] == model.shape_for("Operator").enum
-        assert set(schema["properties"]) == set(model.shape_for("SearchCriteria").members)
-        sort = schema["properties"]["sort"]["properties"]
-        for key, member in model.shape_for("Sort").members.items():
-            assert sort[key]["enum"] == member.enum, key
+        values_shape = filter_shape.members["values"]
+        values = search_filter["properties"]["values"]
+        assert (values["minItems"], values["maxItems"]) == (
+            values_shape.metadata["min"],
+            values_shape.metadata["max"],
+        )
+        value = values["items"]
+        union = values_shape.member
+        assert union.metadata.get("union") is True
+        assert (value["minProperties"], value["maxProperties"]) == (1, 1)
+        assert list(value["properties"]) == list(union.members)
+        json_types = {"string": {"string"}, "timestamp": {"string", "number"}, "boolean": {"boolean"}}
+        for name, member in union.members.items():
+            attribute = value["properties"][name]
+            if member.type_name == "structure":
+                assert attribute["type"] == "object"
+                assert set(attribute["required"]) == set(member.required_members), name
+                assert attribute["additionalProperties"] is False, name
+                pairs = [(attribute["properties"][k], v) for k, v in member.members.items()]
+                assert set(attribute["properties"]) == set(member.members), name
+            else:
+                pairs = [(attribute, member)]
+            for sub_schema, sub_shape in pairs:
+                types = sub_schema["type"]
+                assert (
+                    set(types if isinstance(types, list) else [types]) == json_types[sub_shape.type_name]
+                ), name
+                assert sub_schema.get("maxLength") == sub_shape.metadata.get("max"), name
+                assert ("pattern" in sub_schema) == ("pattern" in sub_shape.metadata), name
+        sort_shape = criteria.members["sort"]
+        sort = schema["properties"]["sort"]
+        assert set(sort["required"]) == set(sort_shape.required_members)
+        for key, member in sort_shape.members.items():
+            assert sort["properties"][key]["enum"] == member.enum, key
 
-    def test_every_param_explains_itself(self, dagbag: Any) -> None:
+    def test_every_param_explains_itself(self, dagbag: Any, import_dag_module: Any) -> None:
+        from jsonschema import Draft7Validator
+        from jsonschema.validators import validator_for
+
         params = dagbag.dags[IMPORT_DAG_ID].params
         for name in params:
             param = params.get_param(name)
             assert len(param.description or "") > 20, name
             assert "type" in param.schema, name
+            # Airflow's check (jsonschema.validate) picks the validator from $schema: draft 7, not 2020-12.
+            assert param.schema["$schema"] == import_dag_module.JSON_SCHEMA_DIALECT, name
+            assert validator_for(param.schema) is Draft7Validator, name
+
+    def test_serialized_params_keep_their_dialect(self, serialized_dag: Any, import_dag_module: Any) -> None:
+        """The API server and the trigger form check the serialized schemas, which still name draft 7."""
+        for name in import_dag_module.PARAMS:
+            assert (
+                serialized_dag.params.get_param(name).schema["$schema"]
+                == import_dag_module.JSON_SCHEMA_DIALECT
+            )
+
+    @pytest.mark.parametrize(
+        ("name", "value", "valid"),
+        [(name, value, False) for name, value in BAD_PARAM_VALUES]
+        + [(name, value, True) for name, value in VALID_CONF.items()],
+    )
+    def test_draft_2020_12_gives_the_same_verdict(
+        self, import_dag_module: Any, name: str, value: Any, valid: bool
+    ) -> None:
+        """
+        Without ``$schema`` jsonschema would check the same schema as draft 2020-12 (as Airflow did before the
+        dialect was named): both drafts accept and refuse the same values.
+        """
+        from jsonschema import Draft7Validator, Draft202012Validator, FormatChecker
+
+        schema = import_dag_module.PARAMS[name].schema
+        without_dialect = {k: v for k, v in schema.items() if k != "$schema"}
+        Draft7Validator.check_schema(schema)
+        Draft202012Validator.check_schema(without_dialect)
+        draft_7 = Draft7Validator(schema, format_checker=FormatChecker()).is_valid(value)
+        draft_2020_12 = Draft202012Validator(without_dialect, format_checker=FormatChecker()).is_valid(value)
+        assert (draft_7, draft_2020_12) == (valid, valid)
 
 
 def test_example_dag_schedules_on_the_import_dags_asset(dagbag: Any, import_dag_module: Any) -> None:
