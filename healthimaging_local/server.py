@@ -87,6 +87,15 @@ def raw_path(environ: dict[str, Any]) -> str:
     return path_info.encode("latin-1").decode("utf-8", "replace")
 
 
+def goes_to_healthimaging(environ: dict[str, Any]) -> bool:
+    """Whether a request is HealthImaging's: signed for it, or unsigned on one of its paths (else it is S3's).
+
+    :param environ: the WSGI environ.
+    """
+    service = signed_service(environ)
+    return service == SERVICE_NAME or (service is None and is_service_path(raw_path(environ)))
+
+
 class HealthImagingApp:
     """The WSGI application answering the HealthImaging operations.
 
@@ -265,9 +274,8 @@ class Dispatcher:
         self.verifier = verifier
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        service = signed_service(environ)
         path = raw_path(environ)
-        to_healthimaging = service == SERVICE_NAME or (service is None and is_service_path(path))
+        to_healthimaging = goes_to_healthimaging(environ)
         app = self.healthimaging if to_healthimaging else self.s3
         if self.verifier is not None:
             return self.verifier(
