@@ -84,7 +84,7 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
     def execute(self, context: Context) -> Any:
         check_parameter("datastore_id", self.datastore_id)
         check_parameter("job_id", self.job_id)
-        coerce_optional_count("max_failed_files", self.max_failed_files)
+        max_failed_files = coerce_optional_count("max_failed_files", self.max_failed_files)
         self._jitter_first_poke(context)
         if not self.deferrable:
             return super().execute(context=context)
@@ -101,7 +101,7 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
                 waiter_max_attempts=int(self.timeout // max(1, int(self.poke_interval))) + 2,
                 poll_jitter=self.poll_jitter,
                 end_from_trigger=self._ends_from_trigger(),
-                max_failed_files=coerce_optional_count("max_failed_files", self.max_failed_files),
+                max_failed_files=max_failed_files,
                 manifest_attempts=self.manifest_attempts,
                 manifest_delay=self.manifest_delay,
                 aws_conn_id=self.aws_conn_id,
