@@ -114,7 +114,7 @@ class _JobRecord:
     success_lines: int = 0
     failure_lines: int = 0
     warning_lines: int = 0
-    imported: int = 0  # distinct planned objects imported (success plus warning-only lines)
+    imported: int = 0  # distinct keys imported (success lines plus warning-only lines), planned or not
     unexpected: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -185,19 +185,21 @@ class ReportBuilder:
                 {name: s.get(name) for name in ("imageSetId", "imageSetVersion", "isPrimary")}
                 for s in manifest.get("imageSetsSummary") or ()
             ]
-        imported_here: set[int] = set()
-        for line in success:
-            record.success_lines += 1
-            index = self._line(record, chunk.original_key(str(line.get("inputFile", ""))), IMPORTED)
-            if index is not None:
-                imported_here.add(index)
-                self._imported(index, line)
-        for line in warning:
-            record.warning_lines += 1
-            index = self._line(record, chunk.original_key(str(line.get("inputFile", ""))), IMPORTED)
-            if index is not None and index not in imported_here:  # also in success.ndjson: one import
-                imported_here.add(index)
-                self._imported(index, line)
+        listed: set[str] = set()  # this job's success keys: a file also in warning.ndjson is one import
+        for name, lines in (("success", success), ("warning", warning)):
+            for line in lines:
+                key = chunk.original_key(str(line.get("inputFile", "")))
+                if name == "success":
+                    record.success_lines += 1
+                else:
+                    record.warning_lines += 1
+                    if key in listed:
+                        continue
+                listed.add(key)
+                index = self._line(record, key, IMPORTED)
+                if index is not None:
+                    self._imported(index, line)
+        record.imported = len(listed)
         for line in failure:
             record.failure_lines += 1
             index = self._line(record, chunk.original_key(str(line.get("inputFile", ""))), FAILED)
@@ -208,7 +210,6 @@ class ReportBuilder:
                     str(exception.get("exceptionType", "")),
                     str(exception.get("message", ""))[:MAX_MESSAGE],
                 )
-        record.imported = len(imported_here)
         self._check_counts(record, chunk.files)
 
     def _line(self, record: _JobRecord, key: str, outcome: str) -> int | None:

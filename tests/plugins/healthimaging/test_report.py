@@ -190,15 +190,18 @@ def test_warning_lines_count_as_imports_once(plan: Plan) -> None:
     builder = ReportBuilder(plan)
     builder.add_job(
         ChunkJob(p1.id, "job-1", "COMPLETED", "s3://out/j1/"),
-        manifest(3, 3),
-        success("day/P1/f0.dcm", "day/P1/f1.dcm"),
+        manifest(4, 4),
+        success("day/P1/f0.dcm", "day/P1/f1.dcm", "day/P1/late.dcm"),
         (),
-        success("day/P1/f1.dcm", "day/P1/f2.dcm"),
+        success("day/P1/f1.dcm", "day/P1/f2.dcm", "day/P1/late.dcm"),
     )
     report = builder.build()
     assert report.totals()["imported"] == 3
     assert report.totals()["duplicates"] == 0
-    assert not [p for p in report.problems() if "job-1" in p]
+    assert report.totals()["unexpected"] == 1
+    assert [p for p in report.problems() if "job-1" in p] == [
+        f"chunk {p1.id} job job-1: the job scanned 4 file(s), the plan holds 3"
+    ]
 
 
 def test_summary_and_text_hold_counts_and_ids_but_no_keys(plan: Plan) -> None:
