@@ -15,6 +15,7 @@ BENCHMARKS = {
     "import_throughput": ["import_throughput.py"],
     "search_latency": ["search_latency.py"],
     "dag_parse": ["dag_parse.py", "--json", str(HERE / "results" / "dag_parse.json")],
+    "planner_memory": ["planner_memory.py"],
 }
 
 
