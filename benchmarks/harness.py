@@ -58,6 +58,11 @@ class ServeProcess:
             str(state_dir),
             "--import-seconds",
             "0",
+            # These benchmarks measure the emulator's own work: the service's request rates are switched off.
+            "--start-rate",
+            "0",
+            "--get-rate",
+            "0",
         ]
         self.log_path = log_path
         self._log = log_path.open("wb")

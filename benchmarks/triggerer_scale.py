@@ -106,7 +106,9 @@ def main() -> int:
     }
     with deployment(["bench_triggerer_scale.py"], args.worker_concurrency, env) as deploy:
         api = deploy.api
+        # Thousands of jobs started at once and polled by thousands of triggers: no service rates, no quota.
         options = ["--import-seconds", str(args.import_seconds), "--max-concurrent-imports", "10000"]
+        options += ["--start-rate", "0", "--get-rate", "0"]
         site = Site(deploy, options)
         try:
             api.wait_for_dag(DAG_ID)

@@ -1,9 +1,9 @@
 """Optional SigV4 verification for both services of the endpoint (``--verify-signatures``).
 
 The signature of each request is recomputed with botocore's own signer (``SigV4Auth`` for HealthImaging,
-``S3SigV4Auth``/``S3SigV4QueryAuth`` for S3) over a request rebuilt from the signed headers, the request's
+``S3SigV4Auth``/``S3SigV4QueryAuth`` for S3; SQS and EventBridge like HealthImaging) over a request rebuilt from the signed headers, the request's
 ``X-Amz-Date`` and its payload hash, and compared in constant time. Failures are answered the way each service
-does: HealthImaging as a JSON error with ``x-amzn-ErrorType``, S3 as an XML ``<Error>``. Secrets are never logged.
+does: HealthImaging, SQS and EventBridge as a JSON error with ``x-amzn-ErrorType``, S3 as an XML ``<Error>``. Secrets are never logged.
 """
 
 from __future__ import annotations
@@ -355,7 +355,7 @@ class SignatureVerifier:
         :param environ: the WSGI environ.
         :param start_response: the WSGI start_response.
         :param app: the WSGI app of the service.
-        :param service: ``medical-imaging`` or ``s3``.
+        :param service: ``medical-imaging``, ``s3``, ``sqs`` or ``events``.
         :param path: the raw request path.
         """
         try:
@@ -364,7 +364,7 @@ class SignatureVerifier:
             log.info(
                 "Rejected %s request: %s",
                 service,
-                failure.code if service == SERVICE_NAME else failure.s3_code,
+                failure.s3_code if service == "s3" else failure.code,
             )
             _drain(environ)
             return _error_response(failure, service, start_response)
@@ -451,7 +451,7 @@ def _drain(environ: dict[str, Any], limit: int = 1024 * 1024) -> None:
 
 
 def _error_response(failure: AuthFailure, service: str, start_response: StartResponse) -> list[bytes]:
-    if service == SERVICE_NAME:
+    if service != "s3":  # HealthImaging, SQS (JSON protocol) and EventBridge read JSON errors
         error = ApiError(failure.message)
         error.code, error.status = failure.code, failure.status
         status, headers, body = encode_error(error, str(uuid.uuid4()))

@@ -35,6 +35,7 @@ def exposure_warning(host: str, verify_signatures: bool) -> str | None:
 def _serve(args: argparse.Namespace) -> int:
     from healthimaging_local.auth import access_keys_from_env, parse_access_keys
     from healthimaging_local.server import LocalEndpoint, wait_forever
+    from healthimaging_local.throttling import RateLimit, rate_limits
 
     access_keys = parse_access_keys(args.access_key) or access_keys_from_env()
     if args.verify_signatures and not access_keys:
@@ -61,6 +62,13 @@ def _serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         verify_signatures=args.verify_signatures,
         access_keys=access_keys,
+        rate_limits=rate_limits(
+            RateLimit(args.start_rate, args.start_burst),
+            RateLimit(args.get_rate, args.get_burst),
+            args.documented_rate_limits,
+            args.rate_limit,
+        ),
+        import_workers=args.import_workers,
     )
     try:
         settings = endpoint.settings()
@@ -87,17 +95,119 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_EPILOG = """\
+Services on the one URL, chosen by the SigV4 credential scope of each request: medical-imaging (this emulator),
+s3, sqs and events (moto). S3 bucket notifications reach SQS; EventBridge rules deliver to SQS targets;
+HealthImaging publishes its documented events (source aws.medical-imaging) to the default event bus.
+
+What survives a restart (everything under --state-dir): data stores, import jobs and image sets (SQLite); S3
+buckets, objects and bucket notification configurations; SQS queues and EventBridge buses, rules and targets; the
+messages left in SQS queues when the endpoint stops cleanly (SIGINT/SIGTERM; after SIGKILL they are lost).
+Not kept: other S3 bucket settings (versioning, policies), EventBridge archives and rate-limit buckets.
+"""
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0.
+
+    :param text: the argument.
+    """
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number >= 0")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0.
+
+    :param text: the argument.
+    """
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1.
+
+    :param text: the argument.
+    """
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _rate_limit(text: str) -> Any:
+    from healthimaging_local.throttling import parse_rate_limit
+
+    try:
+        return parse_rate_limit(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``healthimaging-local``."""
     parser = argparse.ArgumentParser(prog="healthimaging-local", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve HealthImaging and S3 on one local URL")
+    serve = commands.add_parser(
+        "serve",
+        help="serve HealthImaging, S3, SQS and EventBridge on one local URL",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=4566, help="0 picks a free port")
     serve.add_argument("--state-dir", required=True, help="folder where state persists across restarts")
     serve.add_argument("--import-seconds", type=float, default=0.0, help="minimum IN_PROGRESS time of a job")
-    serve.add_argument("--throttle-rate", type=float, default=0.0, help="fraction of requests answered 429")
-    serve.add_argument("--max-concurrent-imports", type=int, default=100, help="running jobs per data store")
+    serve.add_argument(
+        "--throttle-rate",
+        type=float,
+        default=0.0,
+        help="fault injection: fraction of HealthImaging requests answered 429 at random, on top of the rates",
+    )
+    serve.add_argument(
+        "--max-concurrent-imports",
+        type=int,
+        default=100,
+        help="service quota: SUBMITTED/IN_PROGRESS jobs per data store; a new StartDICOMImportJob beyond it is"
+        " answered 402 ServiceQuotaExceededException (default 100, as AWS; 20 in ap-southeast-2)",
+    )
+    serve.add_argument(
+        "--import-workers",
+        type=positive_int,
+        default=4,
+        help="threads that list, parse and commit import jobs; not a limit on jobs in flight (default 4)",
+    )
+    rates = serve.add_argument_group(
+        "request rates (token buckets, 429 ThrottlingException when empty; a rate of 0 switches a limit off)"
+    )
+    rates.add_argument(
+        "--start-rate", type=non_negative_float, default=1.0, help="StartDICOMImportJob per second (1)"
+    )
+    rates.add_argument(
+        "--start-burst", type=non_negative_int, default=2, help="StartDICOMImportJob burst (2)"
+    )
+    rates.add_argument(
+        "--get-rate", type=non_negative_float, default=25.0, help="GetDICOMImportJob per second (25)"
+    )
+    rates.add_argument("--get-burst", type=non_negative_int, default=50, help="GetDICOMImportJob burst (50)")
+    rates.add_argument(
+        "--documented-rate-limits",
+        action="store_true",
+        help="also enforce AWS's documented rates of every other operation (e.g. CreateDatastore 0.085/s)",
+    )
+    rates.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        action="append",
+        default=[],
+        metavar="OPERATION=RATE[/BURST]",
+        help="set one operation's rate (repeatable; wins over the flags above), e.g. SearchImageSets=25/50",
+    )
     serve.add_argument("--seed", type=int, default=None, help="seed of the fault injection")
     serve.add_argument("--log-level", default="WARNING")
     serve.add_argument(

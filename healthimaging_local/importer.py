@@ -1,7 +1,24 @@
-"""DICOM import jobs: the Start/Get/List operations and their execution in worker threads."""
+"""DICOM import jobs: the Start/Get/List operations and their execution in worker threads.
+
+Two limits, kept apart:
+
+- The service quota, ``max_concurrent_imports`` (AWS: 100 per data store, 20 in ap-southeast-2): a
+  StartDICOMImportJob for a *new* job is refused with ServiceQuotaExceededException (402) while the data store
+  already has that many jobs SUBMITTED or IN_PROGRESS. Every admitted job is IN_PROGRESS at once, as on the service.
+- The emulator's own resources, ``workers``: threads that list, parse and commit jobs. A job waiting out
+  ``import_seconds`` holds no thread (a timer hands it back to a worker when it is due), so the number of workers
+  changes how fast large jobs are parsed, never how many jobs run at once.
+
+A job runs in two steps: when a worker takes it, it turns IN_PROGRESS and its input prefix is listed (the quotas on
+files, bytes and folders are checked then); at ``IN_PROGRESS time + import_seconds`` a worker parses the listed
+objects, groups them into image sets, writes the output files and commits COMPLETED (or FAILED) in one step.
+"""
 
 from __future__ import annotations
 
+import functools
+import heapq
+import itertools
 import json
 import logging
 import queue
@@ -13,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from healthimaging_local import dicom, metadata
+from healthimaging_local.events import EventPublisher, ImageSetChange
 from healthimaging_local.model import (
     ConflictException,
     ResourceNotFoundException,
@@ -25,6 +43,7 @@ from healthimaging_local.store import ACTIVE_JOB_STATUSES, ImageSetWrite, normal
 
 if TYPE_CHECKING:
     import sqlite3
+    from collections.abc import Callable
 
     from healthimaging_local.s3 import S3Object, S3Storage
     from healthimaging_local.store import Store
@@ -85,9 +104,9 @@ class Importer:
     :param store: the persistence layer.
     :param s3: the embedded S3.
     :param import_seconds: the minimum time a job stays IN_PROGRESS.
-    :param max_concurrent_imports: SUBMITTED/IN_PROGRESS jobs allowed per data store.
-    :param workers: worker threads: jobs that can be IN_PROGRESS at once (a job waiting out
-        ``import_seconds`` holds one, as a real job holds the service's capacity).
+    :param max_concurrent_imports: the service quota: SUBMITTED/IN_PROGRESS jobs allowed per data store.
+    :param workers: threads that list, parse and commit jobs (not a limit on jobs in flight).
+    :param events: where job and image set state changes are announced (default: the embedded EventBridge).
     """
 
     def __init__(
@@ -96,29 +115,40 @@ class Importer:
         s3: S3Storage,
         import_seconds: float = 0.0,
         max_concurrent_imports: int = 100,
-        workers: int = 32,
+        workers: int = 4,
+        events: EventPublisher | None = None,
     ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
         self.store = store
         self.s3 = s3
         self.import_seconds = import_seconds
         self.max_concurrent_imports = max_concurrent_imports
+        self.events = events or EventPublisher()
         self.limits = JobLimits()
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
         self._stopping = threading.Event()
         self._datastore_locks: dict[str, threading.Lock] = {}
+        self._due: list[tuple[float, int, tuple[str, Callable[[], None]]]] = []
+        self._due_order = itertools.count()
+        self._due_changed = threading.Condition()
         self._threads = [
             threading.Thread(target=self._work, name=f"healthimaging-import-{i}", daemon=True)
             for i in range(workers)
         ]
+        self._timer = threading.Thread(
+            target=self._hand_over_due, name="healthimaging-import-timer", daemon=True
+        )
 
     def start(self) -> None:
         """Start the workers and resume every job a previous run left unfinished."""
         for row in self.store.query(
             "SELECT id FROM jobs WHERE status IN ('SUBMITTED','IN_PROGRESS') ORDER BY submitted_at"
         ):
-            self._queue.put(row["id"])
+            self._queue.put((row["id"], functools.partial(self._begin, row["id"])))
         for thread in self._threads:
             thread.start()
+        self._timer.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the workers; a job not yet committed stays resumable.
@@ -126,11 +156,28 @@ class Importer:
         :param timeout: seconds to wait for each worker.
         """
         self._stopping.set()
+        with self._due_changed:
+            self._due_changed.notify_all()
         for _ in self._threads:
             self._queue.put(None)
-        for thread in self._threads:
+        for thread in [*self._threads, self._timer]:
             if thread.is_alive():
                 thread.join(timeout)
+
+    def _at(self, due: float, job_id: str, task: Callable[[], None]) -> None:
+        """Hand a job's next step to a worker at monotonic time ``due``."""
+        with self._due_changed:
+            heapq.heappush(self._due, (due, next(self._due_order), (job_id, task)))
+            self._due_changed.notify()
+
+    def _hand_over_due(self) -> None:
+        with self._due_changed:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    self._queue.put(heapq.heappop(self._due)[2])
+                timeout = self._due[0][0] - now if self._due else None
+                self._due_changed.wait(timeout)
 
     # ------------------------------------------------------------------------------------ operations
 
@@ -144,6 +191,8 @@ class Importer:
                 (datastore_id, params["clientToken"]),
             ).fetchone()
             if existing is not None:
+                # A replay of a token returns its job whatever the quota: it starts nothing (AWS documents nothing
+                # about replays; this follows the usual AWS idempotency convention). It did pass the rate limit.
                 if existing["request"] != request:
                     raise ConflictException("clientToken was already used with different parameters")
                 return self._start_output(existing)
@@ -175,7 +224,8 @@ class Importer:
                 ),
             )
             row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-        self._queue.put(job_id)
+        self.events.job(row, row["submitted_at"])
+        self._queue.put((job_id, functools.partial(self._begin, job_id)))
         return self._start_output(row)
 
     @staticmethod
@@ -242,49 +292,74 @@ class Importer:
 
     def _work(self) -> None:
         while True:
-            job_id = self._queue.get()
-            if job_id is None or self._stopping.is_set():
+            item = self._queue.get()
+            if item is None or self._stopping.is_set():
                 return
+            job_id, step = item
             try:
-                self._run(job_id)
+                step()
             except JobInterrupted:
                 return
             except Exception:
                 log.exception("Import job %s crashed; marking it FAILED", job_id)
                 self._finish(job_id, "FAILED", "DICOM import job has failed. INTERNAL_ERROR", [])
 
-    def _run(self, job_id: str) -> None:
+    def _begin(self, job_id: str) -> None:
+        """Turn a job IN_PROGRESS, list its input and schedule its commit ``import_seconds`` later."""
         with self.store.transaction() as db:
-            job = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if job is None or job["status"] not in ACTIVE_JOB_STATUSES:
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["status"] not in ACTIVE_JOB_STATUSES:
                 return
             db.execute("UPDATE jobs SET status='IN_PROGRESS' WHERE id=?", (job_id,))
+            job = dict(row) | {"status": "IN_PROGRESS"}
         started = time.monotonic()
+        if row["status"] == "SUBMITTED":  # a job resumed after a restart was announced IN_PROGRESS already
+            self.events.job(job)
         log.info("Import job %s started", job_id)
         try:
-            self._execute(job, started)
+            inventory: tuple[str, list[S3Object]] | JobFailed = self._inventory(row)
+        except JobFailed as failure:
+            inventory = failure
+        self._at(started + self.import_seconds, job_id, functools.partial(self._complete, job, inventory))
+
+    def _complete(self, job: dict[str, Any], inventory: tuple[str, list[S3Object]] | JobFailed) -> None:
+        """Import the listed objects and commit the job COMPLETED, or commit it FAILED."""
+        try:
+            if isinstance(inventory, JobFailed):
+                raise inventory
+            self._execute(job, *inventory)
         except JobFailed as failure:
             message = sanitize_message(f"DICOM import job has failed. {failure}")
             self._write_outputs(job, _Outcome(), required=False)
-            self._wait_until(started)
-            self._finish(job_id, "FAILED", message, [])
-
-    def _wait_until(self, started: float) -> None:
-        remaining = started + self.import_seconds - time.monotonic()
-        if (remaining > 0 and self._stopping.wait(remaining)) or self._stopping.is_set():
-            raise JobInterrupted
+            self._finish(job["id"], "FAILED", message, [])
 
     def _finish(self, job_id: str, status: str, message: str | None, writes: list[ImageSetWrite]) -> None:
+        """Commit a job's terminal status with its image sets, then announce the image sets and the job."""
         now = time.time()
         with self.store.transaction() as db:
             self.store.write_image_sets(db, writes, now)
-            db.execute(
+            changed = db.execute(
                 "UPDATE jobs SET status=?, ended_at=?, message=? WHERE id=? AND status IN ('SUBMITTED','IN_PROGRESS')",
                 (status, now, message, job_id),
+            ).rowcount
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if not changed:
+            return
+        for w in writes:
+            change = ImageSetChange(
+                w.datastore_id,
+                w.image_set_id,
+                w.version,
+                "ACTIVE",
+                "CREATED" if w.version == 1 else "UPDATED",
+                w.is_primary,
             )
+            self.events.image_set(change, now)
+        self.events.job(row, now)
         log.info("Import job %s %s", job_id, status)
 
     def _inventory(self, job: sqlite3.Row) -> tuple[str, list[S3Object]]:
+        """The input bucket and the objects to import (raises JobFailed on a job-level quota or bucket problem)."""
         in_bucket, prefix = split_uri(job["input_s3_uri"])
         out_bucket, _ = split_uri(job["output_s3_uri"])
         if self.s3.bucket(in_bucket) is None:
@@ -316,14 +391,12 @@ class Importer:
             )
         return in_bucket, objects
 
-    def _execute(self, job: sqlite3.Row, started: float) -> None:
+    def _execute(self, job: dict[str, Any], bucket: str, objects: list[S3Object]) -> None:
         """Parse the job's objects, then group, write the outputs and commit under the data store's lock.
 
         Reading the current version of an image set and committing the next one happen under one lock, so
-        concurrent jobs touching the same series get consecutive versions; parsing and the least
-        IN_PROGRESS time run outside it, so jobs of one data store still overlap.
+        concurrent jobs touching the same series get consecutive versions; parsing runs outside it.
         """
-        bucket, objects = self._inventory(job)
         outcome = _Outcome(scanned=len(objects))
         groups: dict[tuple[str, str], list[tuple[str, dicom.ParsedInstance]]] = defaultdict(list)
         for obj in objects:
@@ -351,7 +424,6 @@ class Importer:
                 )
                 continue
             groups[(parsed.study_uid, parsed.series_uid)].append((obj.key, parsed))
-        self._wait_until(started)
         with self._datastore_locks.setdefault(job["datastore_id"], threading.Lock()):  # atomic in CPython
             for (study_uid, series_uid), items in groups.items():
                 self._group(job["datastore_id"], study_uid, series_uid, items, outcome)
@@ -429,7 +501,7 @@ class Importer:
             for key, _ in items
         )
 
-    def _write_outputs(self, job: sqlite3.Row, outcome: _Outcome, *, required: bool) -> None:
+    def _write_outputs(self, job: dict[str, Any], outcome: _Outcome, *, required: bool) -> None:
         """Write manifest, success and failure files into the job folder (skipped if the bucket is gone)."""
         folder = job["output_s3_uri"]
         bucket, prefix = split_uri(folder)

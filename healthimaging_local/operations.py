@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from healthimaging_local.events import EventPublisher, ImageSetChange
 from healthimaging_local.model import (
     ConflictException,
     ResourceNotFoundException,
@@ -57,12 +58,38 @@ class Operations:
     :param store: the persistence layer.
     :param datastore_seconds: how long a new data store stays CREATING (and a deleted one DELETING).
     :param delete_seconds: how long a deleted image set stays LOCKED/DELETING.
+    :param events: where state changes are announced (default: the embedded EventBridge).
     """
 
-    def __init__(self, store: Store, datastore_seconds: float = 0.0, delete_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        store: Store,
+        datastore_seconds: float = 0.0,
+        delete_seconds: float = 0.5,
+        events: EventPublisher | None = None,
+    ) -> None:
         self.store = store
         self.datastore_seconds = datastore_seconds
         self.delete_seconds = delete_seconds
+        self.events = events or EventPublisher()
+
+    def settle(self) -> None:
+        """Finish due time-based transitions and announce each (Data Store Created/Deleted, Image Set Deleted)."""
+        settled = self.store.settle()
+        for datastore in settled.datastores:
+            self.events.datastore(
+                datastore["id"], datastore["name"], datastore["status"], datastore["settle_at"]
+            )
+        for image_set in settled.image_sets:
+            change = ImageSetChange(
+                image_set["datastore_id"],
+                image_set["id"],
+                image_set["version"],
+                "DELETED",
+                "DELETED",
+                bool(image_set["is_primary"]),
+            )
+            self.events.image_set(change, image_set["settle_at"])
 
     # ------------------------------------------------------------------------------------ data stores
 
@@ -96,6 +123,8 @@ class Operations:
                     now + self.datastore_seconds,
                 ),
             )
+            name = db.execute("SELECT name FROM datastores WHERE id=?", (datastore_id,)).fetchone()[0]
+        self.events.datastore(datastore_id, name, "CREATING", now)
         return {"datastoreId": datastore_id, "datastoreStatus": "CREATING"}
 
     @staticmethod
@@ -167,6 +196,7 @@ class Operations:
                 "UPDATE datastores SET status='DELETING', updated_at=?, settle_at=? WHERE id=?",
                 (now, now + self.datastore_seconds, datastore_id),
             )
+        self.events.datastore(datastore_id, row["name"], "DELETING", now)
         return {"datastoreId": datastore_id, "datastoreStatus": "DELETING"}
 
     # ------------------------------------------------------------------------------------ image sets
@@ -270,6 +300,10 @@ class Operations:
                 " WHERE id=?",
                 (now, now + self.delete_seconds, row["id"]),
             )
+        change = ImageSetChange(
+            row["datastore_id"], row["id"], row["version"], "LOCKED", "DELETING", bool(row["is_primary"])
+        )
+        self.events.image_set(change, now)
         return {
             "datastoreId": params["datastoreId"],
             "imageSetId": params["imageSetId"],

@@ -1,4 +1,9 @@
-"""The embedded moto S3 backend: direct object access for the importer and persistence under ``<state-dir>/s3``."""
+"""The embedded moto S3 backend: direct object access for the importer and persistence under ``<state-dir>/s3``.
+
+What persists: every bucket, its objects (content, metadata, ETag) and its notification configuration (queue,
+topic, Lambda and EventBridge destinations). Other bucket settings (versioning, policies, lifecycle, tags) and
+object versions other than the current one are not kept across a restart.
+"""
 
 from __future__ import annotations
 
@@ -115,14 +120,14 @@ class S3Storage:
         return bytes(obj.value)
 
     def put_object(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
-        """Write an object and persist it.
+        """Write an object and persist it; the bucket's event notifications fire, as for any client's PUT.
 
         :param bucket: bucket name.
         :param key: object key.
         :param data: the content.
         :param content_type: its Content-Type.
         """
-        obj = backend().put_object(bucket, key, data, disable_notification=True)
+        obj = backend().put_object(bucket, key, data)
         obj.set_metadata({"Content-Type": content_type})
         self.sync_key(bucket, key)
 
@@ -163,11 +168,12 @@ class S3Storage:
             meta = {"key": key, "metadata": dict(obj.metadata), "etag": obj.etag}
             self._atomic_write(meta_path, json.dumps(meta).encode())
 
-    def _ensure_bucket_dir(self, fake: FakeBucket) -> None:
+    def _ensure_bucket_dir(self, fake: FakeBucket, refresh: bool = False) -> None:
         folder = self._bucket_dir(fake.name)
-        if not (folder / "bucket.json").exists():
+        if refresh or not (folder / "bucket.json").exists():
             (folder / "objects").mkdir(parents=True, exist_ok=True)
-            self._atomic_write(folder / "bucket.json", json.dumps({"name": fake.name}).encode())
+            config = {"name": fake.name, "notification": notification_document(fake)}
+            self._atomic_write(folder / "bucket.json", json.dumps(config).encode())
 
     def sync_bucket(self, bucket: str) -> None:
         """Persist a whole bucket: its existence and every object (changed objects only).
@@ -185,7 +191,7 @@ class S3Storage:
                     (folder / "bucket.json").unlink(missing_ok=True)
                     folder.rmdir()
                 return
-            self._ensure_bucket_dir(fake)
+            self._ensure_bucket_dir(fake, refresh=True)
             wanted: set[str] = set()
             for key in list(fake.keys.keys()):
                 meta_path, data_path = self._object_paths(bucket, key)
@@ -228,10 +234,57 @@ class S3Storage:
             s3 = backend()
             s3.reset()
             for marker in self.root.glob("*/bucket.json"):
-                name = json.loads(marker.read_bytes())["name"]
-                s3.create_bucket(name, REGION)
+                config = json.loads(marker.read_bytes())
+                name = config["name"]
+                fake = s3.create_bucket(name, REGION)
+                restore_notification(fake, config.get("notification"))
                 for meta_path in (marker.parent / "objects").glob("*.json"):
                     meta: dict[str, Any] = json.loads(meta_path.read_bytes())
                     data = meta_path.with_suffix(".bin").read_bytes()
                     obj = s3.put_object(name, meta["key"], data, disable_notification=True)
                     obj.set_metadata(dict(meta["metadata"]))
+
+
+_NOTIFICATION_KINDS = (  # moto's attribute, the configuration's element, the destination's element
+    ("queue", "QueueConfiguration", "Queue"),
+    ("topic", "TopicConfiguration", "Topic"),
+    ("cloud_function", "CloudFunctionConfiguration", "CloudFunction"),
+)
+
+
+def notification_document(fake: FakeBucket) -> dict[str, Any] | None:
+    """A bucket's notification configuration in the form moto parses from PutBucketNotificationConfiguration.
+
+    :param fake: moto's bucket.
+    """
+    config = fake.notification_configuration
+    if config is None:
+        return None
+    document: dict[str, Any] = {
+        element: [
+            {"Id": n.id, destination: n.arn, "Event": list(n.events), "Filter": n.filters or None}
+            for n in getattr(config, attribute)
+        ]
+        for attribute, element, destination in _NOTIFICATION_KINDS
+    }
+    if config.event_bridge is not None:
+        document["EventBridgeConfiguration"] = config.event_bridge
+    return document
+
+
+def restore_notification(fake: FakeBucket, document: dict[str, Any] | None) -> None:
+    """Give a restored bucket its notification configuration back, without the test event a new one sends.
+
+    :param fake: moto's bucket.
+    :param document: what :func:`notification_document` saved.
+    """
+    if not document:
+        return
+    from moto.s3.models import NotificationConfiguration
+
+    fake.notification_configuration = NotificationConfiguration(
+        topic=document.get("TopicConfiguration"),
+        queue=document.get("QueueConfiguration"),
+        cloud_function=document.get("CloudFunctionConfiguration"),
+        event_bridge=document.get("EventBridgeConfiguration"),
+    )

@@ -11,6 +11,7 @@ import itertools
 import os
 import random
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -32,10 +33,11 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from healthimaging_local.cli import non_negative_float, non_negative_int
 from healthimaging_local.dicom import DICOMDIR_SOP_CLASS_UID, DicomParseError, parse_p10
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, for UIDs that are not registered anywhere
 IMAGE_SIZE = 16
@@ -221,13 +223,37 @@ def _is_dicomdir(data: bytes) -> bool:
     return bool(meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS_UID)
 
 
-def upload(files: Iterable[tuple[str, bytes]], s3_client: Any, bucket: str, prefix: str) -> UploadSummary:
+def drip_schedule(count: int, seconds: float) -> list[float]:
+    """When each of ``count`` uploads starts, in seconds after the first: evenly spread, the last at ``seconds``.
+
+    :param count: number of files
+    :param seconds: the spread (0: all at once)
+    """
+    if count <= 1 or seconds <= 0:
+        return [0.0] * count
+    step = seconds / (count - 1)
+    return [i * step for i in range(count)]
+
+
+def upload(
+    files: Iterable[tuple[str, bytes]],
+    s3_client: Any,
+    bucket: str,
+    prefix: str,
+    drip_seconds: float = 0.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> UploadSummary:
     """Put every file under ``prefix`` in ``bucket`` and count what was uploaded.
 
     :param files: ``(relative key, bytes)`` pairs, for example from :func:`synthetic_study_files`
     :param s3_client: a boto3 S3 client
     :param bucket: the bucket, which must exist
     :param prefix: the key prefix; a ``/`` is added between it and each key when missing
+    :param drip_seconds: spread the uploads evenly over this many seconds, one at a time in key order as
+        generated (0: upload in parallel, as fast as possible), so arrivals can be watched
+    :param sleep: waits between dripped uploads (for tests)
+    :param clock: monotonic seconds (for tests)
     """
     key_prefix = prefix if not prefix or prefix.endswith("/") else f"{prefix}/"
     patients: set[str] = set()
@@ -253,9 +279,18 @@ def upload(files: Iterable[tuple[str, bytes]], s3_client: Any, bucket: str, pref
                 series.add((parsed.study_uid, parsed.series_uid))
             yield key, data
 
-    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
-        for _ in pool.map(put, counted(files)):
-            pass
+    if drip_seconds > 0:
+        items = list(files)
+        started = clock()
+        for offset, item in zip(drip_schedule(len(items), drip_seconds), counted(items), strict=True):
+            delay = started + offset - clock()
+            if delay > 0:
+                sleep(delay)
+            put(item)
+    else:
+        with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+            for _ in pool.map(put, counted(files)):
+                pass
     return UploadSummary(
         files=counts["files"],
         bytes=counts["bytes"],
@@ -276,10 +311,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--bucket", required=True, help="bucket to upload into")
     parser.add_argument("--prefix", required=True, help="key prefix, for example dicom/input/")
-    parser.add_argument("--patients", type=_non_negative, default=2)
-    parser.add_argument("--studies-per-patient", type=_non_negative, default=1)
-    parser.add_argument("--series-per-study", type=_non_negative, default=2)
-    parser.add_argument("--instances-per-series", type=_non_negative, default=3)
+    parser.add_argument("--patients", type=non_negative_int, default=2)
+    parser.add_argument("--studies-per-patient", type=non_negative_int, default=1)
+    parser.add_argument("--series-per-study", type=non_negative_int, default=2)
+    parser.add_argument("--instances-per-series", type=non_negative_int, default=3)
     parser.add_argument(
         "--include-pydicom-files",
         action="store_true",
@@ -296,14 +331,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="create the bucket if it does not exist (default: yes)",
     )
-    parser.add_argument("--seed", type=_non_negative, default=0, help="varies names, dates and UIDs")
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="varies names, dates and UIDs")
+    parser.add_argument(
+        "--drip-seconds",
+        type=non_negative_float,
+        default=0.0,
+        metavar="N",
+        help="spread the uploads evenly over N seconds, one object at a time, to demonstrate arrivals"
+        " (default 0: upload everything at once)",
+    )
 
 
 def s3_client_for(endpoint_url: str) -> Any:
@@ -354,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.include_pydicom_files:
             files = itertools.chain(files, pydicom_bundled_files(include_dicomdir=args.include_dicomdir))
-        summary = upload(files, s3_client, args.bucket, args.prefix)
+        summary = upload(files, s3_client, args.bucket, args.prefix, drip_seconds=args.drip_seconds)
     except (BotoCoreError, ClientError) as exc:
         print(f"error: upload to {args.endpoint_url} failed: {exc}", file=sys.stderr)
         return 1

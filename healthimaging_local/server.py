@@ -1,4 +1,7 @@
-"""The HTTP layer: one endpoint URL serving HealthImaging (our WSGI app) and S3 (moto's server app).
+"""The HTTP layer: one endpoint URL serving HealthImaging (our WSGI app) and S3, SQS and EventBridge (moto's).
+
+A request goes to the service named in its SigV4 credential scope (``medical-imaging``, ``sqs``, ``events``, else
+S3); an unsigned request goes to HealthImaging when its path is one of HealthImaging's, else to S3.
 
 Bad client input never yields a 500: bodies over ``MAX_BODY_BYTES`` (1 MiB), invalid JSON, invalid UTF-8 and
 non-JSON content types are 400 ValidationException; unknown routes and wrong methods are 404
@@ -23,8 +26,11 @@ from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.serving import make_server
 
+from healthimaging_local import fidelity
 from healthimaging_local.auth import SignatureVerifier
+from healthimaging_local.events import EventPublisher
 from healthimaging_local.importer import Importer
+from healthimaging_local.messaging import MessagingStorage, PersistentMessagingApp
 from healthimaging_local.model import (
     REGION,
     SERVICE_NAME,
@@ -42,12 +48,16 @@ from healthimaging_local.model import (
 from healthimaging_local.operations import Operations
 from healthimaging_local.s3 import S3Storage, encode_s3_error
 from healthimaging_local.store import Store
+from healthimaging_local.throttling import RateLimiter, default_rate_limits
+from healthimaging_local.wsgi import FailedBeforeAnswering, answer_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
     from pathlib import Path
 
     from botocore.client import BaseClient
+
+    from healthimaging_local.throttling import RateLimit
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("healthimaging_local.access")
@@ -87,13 +97,27 @@ def raw_path(environ: dict[str, Any]) -> str:
     return path_info.encode("latin-1").decode("utf-8", "replace")
 
 
+MESSAGING_SERVICES = ("sqs", "events")
+
+
 def goes_to_healthimaging(environ: dict[str, Any]) -> bool:
-    """Whether a request is HealthImaging's: signed for it, or unsigned on one of its paths (else it is S3's).
+    """Whether a request is HealthImaging's: signed for it, or unsigned on one of its paths.
 
     :param environ: the WSGI environ.
     """
     service = signed_service(environ)
     return service == SERVICE_NAME or (service is None and is_service_path(raw_path(environ)))
+
+
+def service_for(environ: dict[str, Any]) -> str:
+    """The service that answers a request: ``medical-imaging``, ``sqs``, ``events`` or ``s3``.
+
+    :param environ: the WSGI environ.
+    """
+    if goes_to_healthimaging(environ):
+        return SERVICE_NAME
+    service = signed_service(environ)
+    return service if service in MESSAGING_SERVICES else "s3"
 
 
 class HealthImagingApp:
@@ -102,14 +126,23 @@ class HealthImagingApp:
     :param store: the persistence layer.
     :param operations: data store and image set handlers.
     :param importer: import job handlers.
-    :param throttle_rate: fraction of requests answered with ThrottlingException.
+    :param throttle_rate: fraction of requests answered with ThrottlingException (a fault, on top of the rates).
     :param seed: seed of the throttling dice (reproducible faults).
+    :param limiter: the per-operation request rates (token buckets).
     """
 
     def __init__(
-        self, store: Store, operations: Operations, importer: Importer, throttle_rate: float, seed: int | None
+        self,
+        store: Store,
+        operations: Operations,
+        importer: Importer,
+        throttle_rate: float,
+        seed: int | None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.store = store
+        self.operations = operations
+        self.limiter = limiter or RateLimiter({})
         self.throttle_rate = throttle_rate
         self._random = random.Random(seed)
         self._random_lock = threading.Lock()
@@ -159,13 +192,17 @@ class HealthImagingApp:
             raise NotImplementedOperationException(
                 f"{operation.name} is not implemented by healthimaging-local"
             )
+        # Every request of a limited operation takes a token before its input is looked at, replays of a client
+        # token included: AWS documents per-operation request rates, nothing that exempts a replay (a guess).
+        if not self.limiter.allow(operation.name):
+            raise ThrottlingException("Rate exceeded")
         query = {
             k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).items()
         }
         params = parse_request(
             operation, path_params, query, dict(EnvironHeaders(environ).items()), _decode_json(environ, body)
         )
-        self.store.settle()
+        self.operations.settle()
         headers, payload = serialize_response(operation, handler(params))
         return 200, headers, payload
 
@@ -224,34 +261,18 @@ class PersistentS3App:
         self.app = create_backend_app("s3")
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        status: list[int] = []
-
-        def capture(status_line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            status.append(int(status_line.split(" ", 1)[0]))
-            return start_response(status_line, headers, exc_info)
-
         try:
-            result = self.app(environ, capture)
-        except Exception as error:
-            if status:
-                raise
+            status, body = answer_of(self.app, environ, start_response)
+        except FailedBeforeAnswering as failure:
             # moto raises on some malformed requests (e.g. a POST to a key without a form): answer 400, not 500.
             # The exception text is not logged: it may quote object keys, which can name patients.
             log.warning(
-                "S3 emulation could not handle a %s request (%s)",
-                environ.get("REQUEST_METHOD"),
-                type(error).__name__,
+                "S3 emulation could not handle a %s request (%s)", environ.get("REQUEST_METHOD"), failure
             )
             code, headers, body = encode_s3_error(400, "InvalidRequest", "The request could not be handled")
             start_response(f"{code} Bad Request", headers)
             return [body]
-        try:
-            body = b"".join(result)
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-        if status and status[0] < 300:
+        if status < 300:
             self.storage.sync_request(
                 environ.get("REQUEST_METHOD", ""), environ.get("HTTP_HOST", ""), raw_path(environ)
             )
@@ -259,28 +280,31 @@ class PersistentS3App:
 
 
 class Dispatcher:
-    """Choose HealthImaging or S3 by the SigV4 service, else by path (regardless of Host).
+    """Choose the answering app by the SigV4 service, else by path (regardless of Host); see :func:`service_for`.
 
     :param healthimaging: the HealthImaging app.
     :param s3: the S3 app.
     :param verifier: when given, every request must carry a valid SigV4 signature.
+    :param messaging: the apps of ``sqs`` and ``events``, by service name.
     """
 
     def __init__(
-        self, healthimaging: WsgiApp, s3: WsgiApp, verifier: SignatureVerifier | None = None
+        self,
+        healthimaging: WsgiApp,
+        s3: WsgiApp,
+        verifier: SignatureVerifier | None = None,
+        messaging: Mapping[str, WsgiApp] | None = None,
     ) -> None:
-        self.healthimaging = healthimaging
-        self.s3 = s3
+        self.apps: dict[str, WsgiApp] = {SERVICE_NAME: healthimaging, "s3": s3, **(messaging or {})}
         self.verifier = verifier
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        path = raw_path(environ)
-        to_healthimaging = goes_to_healthimaging(environ)
-        app = self.healthimaging if to_healthimaging else self.s3
+        service = service_for(environ)
+        if service not in self.apps:
+            service = "s3"
+        app = self.apps[service]
         if self.verifier is not None:
-            return self.verifier(
-                environ, start_response, app, SERVICE_NAME if to_healthimaging else "s3", path
-            )
+            return self.verifier(environ, start_response, app, service, raw_path(environ))
         result: Iterable[bytes] = app(environ, start_response)
         return result
 
@@ -299,26 +323,31 @@ class AccessLogHandler(MotoRequestHandler):
 
 
 class LocalEndpoint:
-    """A running endpoint (context manager): HealthImaging + S3 on one URL, served from a background thread.
+    """A running endpoint (context manager): HealthImaging, S3, SQS and EventBridge on one URL, served from a thread.
 
-    Only one endpoint per process owns moto's (process-global) S3 state: the first one started resets it
-    and loads ``<state_dir>/s3``; endpoints started while it runs share that S3.
+    Only one endpoint per process owns moto's (process-global) S3, SQS and EventBridge state: the first one
+    started resets it and loads ``<state_dir>/s3`` and ``<state_dir>/messaging.json``; endpoints started while it
+    runs share that state.
 
-    :param state_dir: where SQLite and S3 state persist.
+    :param state_dir: where SQLite, S3 and messaging state persist.
     :param host: address to bind.
     :param port: port to bind (0 picks a free one).
     :param import_seconds: minimum time an import job stays IN_PROGRESS.
-    :param throttle_rate: fraction of HealthImaging requests answered 429 ThrottlingException.
-    :param max_concurrent_imports: SUBMITTED/IN_PROGRESS jobs allowed per data store (402 beyond).
+    :param throttle_rate: fraction of HealthImaging requests answered 429 ThrottlingException (a fault).
+    :param max_concurrent_imports: the service quota: SUBMITTED/IN_PROGRESS jobs per data store (402 beyond).
     :param seed: seed for fault injection.
     :param datastore_seconds: how long a new data store stays CREATING.
     :param delete_seconds: how long a deleted image set stays LOCKED/DELETING.
     :param verify_signatures: check SigV4 on every request (else any credentials are accepted).
     :param access_keys: access key id to secret key, when verifying signatures.
+    :param rate_limits: request rates per operation (default: the documented StartDICOMImportJob and
+        GetDICOMImportJob rates; ``{}`` switches rate limiting off).
+    :param import_workers: threads that list, parse and commit import jobs (not a limit on jobs in flight).
     """
 
     _active = 0
     _active_lock = threading.Lock()
+    SETTLE_INTERVAL = 0.25
 
     def __init__(
         self,
@@ -333,24 +362,35 @@ class LocalEndpoint:
         delete_seconds: float = 0.5,
         verify_signatures: bool = False,
         access_keys: Mapping[str, str] | None = None,
+        rate_limits: Mapping[str, RateLimit] | None = None,
+        import_workers: int = 4,
     ) -> None:
         self.state_dir = state_dir
         self.access_key_id, self.secret_access_key = next(
             iter((access_keys or {ACCESS_KEY_ID: SECRET_ACCESS_KEY}).items())
         )
         verifier = SignatureVerifier(access_keys or {}, MAX_BODY_BYTES) if verify_signatures else None
+        fidelity.install()
         self.store = Store(state_dir)
         self.s3 = S3Storage(state_dir / "s3")
+        self.messaging = MessagingStorage(state_dir / "messaging.json")
         with LocalEndpoint._active_lock:
-            if LocalEndpoint._active == 0:
+            self._owner = LocalEndpoint._active == 0
+            if self._owner:
                 self.s3.load()
+                self.messaging.load()
             LocalEndpoint._active += 1
-        self.operations = Operations(self.store, datastore_seconds, delete_seconds)
-        self.importer = Importer(self.store, self.s3, import_seconds, max_concurrent_imports)
+        events = EventPublisher()
+        self.operations = Operations(self.store, datastore_seconds, delete_seconds, events)
+        self.importer = Importer(
+            self.store, self.s3, import_seconds, max_concurrent_imports, import_workers, events
+        )
+        self.limiter = RateLimiter(default_rate_limits() if rate_limits is None else rate_limits)
         app = Dispatcher(
-            HealthImagingApp(self.store, self.operations, self.importer, throttle_rate, seed),
+            HealthImagingApp(self.store, self.operations, self.importer, throttle_rate, seed, self.limiter),
             PersistentS3App(self.s3),
             verifier,
+            {service: PersistentMessagingApp(service, self.messaging) for service in MESSAGING_SERVICES},
         )
         self._server = make_server(host, port, app, threaded=True, request_handler=AccessLogHandler)
         self._server.daemon_threads = True  # type: ignore[attr-defined]
@@ -363,7 +403,20 @@ class LocalEndpoint:
         )
         self._thread.start()
         self.importer.start()
+        self._stopping = threading.Event()
+        self._settler = threading.Thread(
+            target=self._settle_periodically, name="healthimaging-settle", daemon=True
+        )
+        self._settler.start()
         self._stopped = False
+
+    def _settle_periodically(self) -> None:
+        """Finish time-based transitions (and publish their events) even when no client asks."""
+        while not self._stopping.wait(self.SETTLE_INTERVAL):
+            try:
+                self.operations.settle()
+            except Exception:
+                log.exception("Could not settle time-based transitions")
 
     def __enter__(self) -> LocalEndpoint:
         return self
@@ -395,15 +448,25 @@ class LocalEndpoint:
         return endpoint_settings(self.url, self.access_key_id, self.secret_access_key)
 
     def stop(self) -> None:
-        """Stop serving and the import workers (idempotent); unfinished jobs resume at the next start."""
+        """Stop serving and the import workers (idempotent); unfinished jobs resume at the next start.
+
+        The owner of the shared state also saves the messages left in each SQS queue.
+        """
         if self._stopped:
             return
         self._stopped = True
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(10)
+        self._settler.join(10)
         self.importer.stop()
         self.store.close()
+        if self._owner:
+            try:
+                self.messaging.save(with_messages=True)
+            except Exception:
+                log.exception("Could not save the SQS and EventBridge state")
         with LocalEndpoint._active_lock:
             LocalEndpoint._active -= 1
 

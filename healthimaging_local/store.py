@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from healthimaging_local.model import ValidationException
@@ -80,6 +80,19 @@ class ImageSetWrite:
     study_date_time: str
     dicom_tags: dict[str, Any]
     metadata: dict[str, Any]
+
+
+@dataclass
+class Settled:
+    """What one :meth:`Store.settle` call changed.
+
+    :param datastores: ``id``, ``name``, new ``status`` and ``settle_at`` of each data store that changed.
+    :param image_sets: ``id``, ``datastore_id``, ``version``, ``is_primary`` and ``settle_at`` of each image set
+        that became DELETED.
+    """
+
+    datastores: list[dict[str, Any]] = field(default_factory=list)
+    image_sets: list[dict[str, Any]] = field(default_factory=list)
 
 
 def normalize_study_date_time(date: str | None, time_: str | None) -> str:
@@ -188,27 +201,40 @@ class Store:
 
     # ------------------------------------------------------------------------------------ lazy transitions
 
-    def settle(self, now: float | None = None) -> None:
+    def settle(self, now: float | None = None) -> Settled:
         """Finish time-based transitions whose moment has come (CREATING->ACTIVE, DELETING->DELETED).
 
+        Each transition is reported to exactly one caller, even when several settle at once.
+
         :param now: the current epoch time (default: now).
+        :return: the data stores and image sets that changed.
         """
         now = time.time() if now is None else now
+        settled = Settled()
         pending = self.query_one(
             "SELECT 1 FROM datastores WHERE settle_at <= ? UNION ALL"
             " SELECT 1 FROM image_sets WHERE settle_at IS NOT NULL AND settle_at <= ? LIMIT 1",
             (now, now),
         )
         if pending is None:
-            return
+            return settled
         with self.transaction() as db:
+            settled.datastores = [
+                dict(row)
+                for row in db.execute(
+                    "SELECT id, name, CASE status WHEN 'CREATING' THEN 'ACTIVE' ELSE 'DELETED' END AS status,"
+                    " settle_at FROM datastores WHERE settle_at IS NOT NULL AND settle_at <= ?",
+                    (now,),
+                )
+            ]
             db.execute(
                 "UPDATE datastores SET status = CASE status WHEN 'CREATING' THEN 'ACTIVE' ELSE 'DELETED' END,"
                 " updated_at = settle_at, settle_at = NULL WHERE settle_at IS NOT NULL AND settle_at <= ?",
                 (now,),
             )
             due = db.execute(
-                "SELECT id, version, settle_at FROM image_sets WHERE settle_at IS NOT NULL AND settle_at <= ?",
+                "SELECT id, datastore_id, version, is_primary, settle_at FROM image_sets"
+                " WHERE settle_at IS NOT NULL AND settle_at <= ?",
                 (now,),
             ).fetchall()
             for row in due:
@@ -222,6 +248,8 @@ class Store:
                     " updated_at=? WHERE image_set_id=? AND version=?",
                     (row["settle_at"], row["settle_at"], row["id"], row["version"]),
                 )
+            settled.image_sets = [dict(row) for row in due]
+        return settled
 
     # ------------------------------------------------------------------------------------ image sets
 

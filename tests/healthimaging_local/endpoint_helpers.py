@@ -118,15 +118,21 @@ def wait_for(condition: Any, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def run_import(mi: Any, datastore_id: str, input_uri: str, output_uri: str, **extra: Any) -> dict[str, Any]:
-    """Start an import job and wait for its terminal state; return the job properties."""
-    job_id = mi.start_dicom_import_job(
+def start_job(mi: Any, datastore_id: str, input_uri: str, output_uri: str, **extra: Any) -> dict[str, Any]:
+    """StartDICOMImportJob with the test role; return its answer."""
+    answer: dict[str, Any] = mi.start_dicom_import_job(
         datastoreId=datastore_id,
         dataAccessRoleArn=ROLE_ARN,
         inputS3Uri=input_uri,
         outputS3Uri=output_uri,
         **extra,
-    )["jobId"]
+    )
+    return answer
+
+
+def run_import(mi: Any, datastore_id: str, input_uri: str, output_uri: str, **extra: Any) -> dict[str, Any]:
+    """Start an import job and wait for its terminal state; return the job properties."""
+    job_id = start_job(mi, datastore_id, input_uri, output_uri, **extra)["jobId"]
     return wait_job(mi, datastore_id, job_id)
 
 
@@ -149,3 +155,43 @@ def read_json(s3: Any, uri: str) -> Any:
     if key.endswith(".ndjson"):
         return [json.loads(line) for line in text.splitlines() if line]
     return json.loads(text)
+
+
+def create_queue(sqs: Any, name: str, **attributes: str) -> tuple[str, str]:
+    """Create an SQS queue; return its URL and ARN."""
+    url: str = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    arn: str = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    return url, arn
+
+
+def receive_all(sqs: Any, url: str, expected: int | None = None, timeout: float = 10.0) -> list[Any]:
+    """Receive and delete exactly ``expected`` messages (or until the queue is empty, when None), in queue order.
+
+    Bodies are JSON-decoded. Fails the test after ``timeout`` seconds without the expected count.
+    """
+    bodies: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while expected is None or len(bodies) < expected:
+        assert time.monotonic() < deadline, f"received {len(bodies)} of {expected} messages"
+        wait = (
+            0 if expected is None else 1
+        )  # moto delivers S3 and EventBridge messages before the call returns
+        batch = 10 if expected is None else min(10, expected - len(bodies))
+        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=batch, WaitTimeSeconds=wait).get(
+            "Messages", []
+        )
+        if not messages and expected is None:
+            break
+        for message in messages:
+            bodies.append(json.loads(message["Body"]))
+            sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    return bodies
+
+
+def route_events(endpoint: Any, rule: str, pattern: dict[str, Any], queue: str) -> str:
+    """An EventBridge rule on the default bus sending what ``pattern`` matches to a new queue; return its URL."""
+    url, arn = create_queue(endpoint.client("sqs"), queue)
+    events = endpoint.client("events")
+    events.put_rule(Name=rule, EventPattern=json.dumps(pattern))
+    events.put_targets(Rule=rule, Targets=[{"Id": queue, "Arn": arn}])
+    return url

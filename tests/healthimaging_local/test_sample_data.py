@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from collections.abc import Iterator
 from io import BytesIO
+from typing import Any
 
 import pydicom
 import pytest
+from endpoint_helpers import create_queue, receive_all
 from moto.server import ThreadedMotoServer
 from pydicom.uid import UID
 
 from healthimaging_local import sample_data
 from healthimaging_local.dicom import parse_p10
 from healthimaging_local.sample_data import (
+    drip_schedule,
     pydicom_bundled_files,
     s3_client_for,
     synthetic_study_files,
@@ -164,3 +168,62 @@ def test_argument_defaults() -> None:
     )
     with pytest.raises(SystemExit):
         _parse_args("--endpoint-url", "u", "--bucket", "b", "--prefix", "p", "--patients", "-1")
+
+
+def test_drip_schedule_spreads_evenly() -> None:
+    assert drip_schedule(5, 8.0) == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert drip_schedule(1, 8.0) == [0.0]
+    assert drip_schedule(3, 0.0) == [0.0, 0.0, 0.0]
+    assert drip_schedule(0, 5.0) == []
+    args = _parse_args("--endpoint-url", "u", "--bucket", "b", "--prefix", "p")
+    assert args.drip_seconds == 0.0
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            _parse_args("--endpoint-url", "u", "--bucket", "b", "--prefix", "p", "--drip-seconds", bad)
+
+
+def test_drip_puts_one_object_at_a_time_on_schedule() -> None:
+    """With a fake clock: each put happens at its scheduled moment, in key order, none early."""
+    now = [50.0]
+    puts: list[tuple[float, str]] = []
+
+    class Recorder:
+        def put_object(self, Bucket: str, Key: str, Body: bytes) -> None:
+            puts.append((now[0], Key))
+
+    def sleep(seconds: float) -> None:
+        assert seconds > 0
+        now[0] += seconds
+
+    files = list(synthetic_study_files(1, 1, 2, 3))
+    summary = upload(files, Recorder(), "b", "in", drip_seconds=10.0, sleep=sleep, clock=lambda: now[0])
+    assert summary.files == 6
+    assert [key for _, key in puts] == [f"in/{key}" for key, _ in files]
+    assert [round(t - 50.0, 6) for t, _ in puts] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+
+
+def test_drip_into_the_endpoint_arrives_over_time(endpoint: Any) -> None:
+    """Real time, real HTTP: the bucket's notifications arrive one per object, in order, over the drip period."""
+    s3, sqs = endpoint.client("s3"), endpoint.client("sqs")
+    url, arn = create_queue(sqs, "drip")
+    s3.create_bucket(Bucket="drip")
+    s3.put_bucket_notification_configuration(
+        Bucket="drip",
+        NotificationConfiguration={
+            "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]
+        },
+    )
+    receive_all(sqs, url)
+    args = _parse_args(
+        "--endpoint-url", endpoint.url, "--bucket", "drip", "--prefix", "study/", "--patients", "1",
+        "--series-per-study", "1", "--instances-per-series", "4", "--drip-seconds", "1.5",
+    )  # fmt: skip
+    started = time.monotonic()
+    assert sample_data.run(args) == 0
+    assert time.monotonic() - started >= 1.5  # the last object waited for its moment
+    records = [body["Records"][0] for body in receive_all(sqs, url, expected=4)]
+    keys = [record["s3"]["object"]["key"] for record in records]
+    assert keys == sorted(keys)
+    assert keys[0].startswith("study/patient-0001/")
+    times = [record["eventTime"] for record in records]
+    assert times[0] < times[-1]

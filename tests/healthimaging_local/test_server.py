@@ -190,7 +190,7 @@ def test_internal_server_exception_is_encoded_as_modelled(endpoint: LocalEndpoin
         raise RuntimeError("boom")
 
     monkeypatch.setattr(endpoint.operations, "list_datastores", broken)
-    app = endpoint._server.app.healthimaging  # type: ignore[attr-defined]
+    app = endpoint._server.app.apps["medical-imaging"]  # type: ignore[attr-defined]
     monkeypatch.setitem(app.handlers, "ListDatastores", broken)
     with pytest.raises(mi.exceptions.InternalServerException):
         mi.list_datastores()
@@ -203,23 +203,6 @@ def test_throttling(tmp_path: Path) -> None:
             mi.list_datastores()
         assert raised.value.response["ResponseMetadata"]["HTTPStatusCode"] == 429
         assert raised.value.response["ResponseMetadata"]["RetryAttempts"] == 2  # retried as a throttle
-
-
-def test_service_quota_exceeded(tmp_path: Path) -> None:
-    with LocalEndpoint(tmp_path / "state", max_concurrent_imports=1, import_seconds=30) as endpoint:
-        mi, s3 = endpoint.client("medical-imaging"), endpoint.client("s3")
-        datastore_id = create_active_datastore(mi)
-        upload(s3, "quota-in", "", synthetic(instances=1))
-        upload(s3, "quota-out", "", [])
-        kwargs = {
-            "dataAccessRoleArn": ROLE_ARN,
-            "inputS3Uri": "s3://quota-in/",
-            "outputS3Uri": "s3://quota-out/",
-        }
-        mi.start_dicom_import_job(datastoreId=datastore_id, **kwargs)
-        with pytest.raises(mi.exceptions.ServiceQuotaExceededException) as raised:
-            mi.start_dicom_import_job(datastoreId=datastore_id, **kwargs)
-        assert raised.value.response["ResponseMetadata"]["HTTPStatusCode"] == 402
 
 
 @pytest.mark.parametrize(
