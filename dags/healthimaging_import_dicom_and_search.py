@@ -87,7 +87,7 @@ if TYPE_CHECKING:
 
 DAG_ID = "healthimaging_import_dicom_and_search"
 
-#: Downstream DAGs schedule on this asset (``Asset.ref(name=IMAGE_SETS_ASSET_NAME)``).
+#: Downstream DAGs schedule on this asset itself (same name and URI; not ``Asset.ref``, whose runs get no events).
 IMAGE_SETS_ASSET_NAME = "healthimaging_image_sets"
 IMAGE_SETS = Asset(name=IMAGE_SETS_ASSET_NAME, uri="x-medical-imaging://image-sets", group="medical-imaging")
 

@@ -22,8 +22,10 @@ from airflow.sdk import Asset, dag, task
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
-#: Must match ``IMAGE_SETS_ASSET_NAME`` in ``healthimaging_import_dicom_and_search`` (a test checks it).
+#: The asset ``healthimaging_import_dicom_and_search`` updates: same name, URI and group (a test checks it).
+#: Schedule on the ``Asset`` itself: on ``Asset.ref(name=...)`` Airflow 3.3 creates runs without their asset events.
 IMAGE_SETS_ASSET_NAME = "healthimaging_image_sets"
+IMAGE_SETS = Asset(name=IMAGE_SETS_ASSET_NAME, uri="x-medical-imaging://image-sets", group="medical-imaging")
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def new_image_sets(events: Iterable[Any]) -> list[dict[str, Any]]:
     dag_id="healthimaging_new_image_sets_example",
     description="Example consumer of new HealthImaging image sets (asset-scheduled)",
     doc_md=__doc__,
-    schedule=[Asset.ref(name=IMAGE_SETS_ASSET_NAME)],
+    schedule=[IMAGE_SETS],
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

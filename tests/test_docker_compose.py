@@ -23,7 +23,7 @@ AIRFLOW_SERVICES = {
     "airflow-worker": "celery worker",
     "airflow-triggerer": "triggerer",
 }
-MOUNTS = {f"./{name}:/opt/airflow/{name}" for name in ("dags", "logs", "config", "plugins")}
+MOUNTS = {f"./{name}:/opt/airflow/{name}" for name in ("dags", "logs", "config")}
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +101,34 @@ def test_local_profile_serves_the_endpoint_offline_on_loopback(compose: dict[str
 
 def test_dockerfile_installs_the_package_pinned() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM apache/airflow:3\.3\.2$", dockerfile, re.M)
+    # The base image's Python is the one constraints.txt was resolved for, not Airflow's moving default.
+    assert re.search(
+        r"^FROM apache/airflow:\$\{AIRFLOW_VERSION\}-python\$\{PYTHON_VERSION\}$", dockerfile, re.M
+    )
     assert re.search(
         r"pip install .*-c constraints\.txt .*apache-airflow==\$\{AIRFLOW_VERSION\}.*\.\[local\]", dockerfile
     )
     assert "ARG AIRFLOW_VERSION=3.3.2" in dockerfile
+    assert "ARG PYTHON_VERSION=3.11" in dockerfile
     for source in ("pyproject.toml", "constraints.txt", "plugins/healthimaging", "healthimaging_local"):
         assert re.search(rf"^COPY .*{re.escape(source)}", dockerfile, re.M), source
     assert ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_the_installed_package_is_the_one_airflow_runs(compose: dict[str, Any]) -> None:
+    """One copy of the package: installed (not editable) in the image, and no mount of ./plugins to shadow or be
+    shadowed by it (Airflow appends the plugins folder to sys.path, after site-packages)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (install,) = re.findall(r"pip install [^\n]*", dockerfile)
+    assert not re.search(r"(^|\s)(-e|--editable)\s", install), install
+    package_sources = {"./plugins", "./plugins/healthimaging", "./healthimaging_local"}
+    shadowing = [
+        (name, volume)
+        for name, service in compose["services"].items()
+        for volume in mounts(service)
+        if volume.split(":")[1].startswith("/opt/airflow/plugins") or volume.split(":")[0] in package_sources
+    ]
+    assert shadowing == []
 
 
 def test_env_is_git_ignored_and_example_is_not() -> None:

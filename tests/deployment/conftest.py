@@ -7,9 +7,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
+from browser import ARTIFACTS, chromium_context, find_chromium, log_in, screenshot
 from harness import (
+    ADMIN_USER,
     PG_HOST,
     PG_PORT,
     REDIS_HOST,
@@ -22,12 +25,25 @@ from harness import (
     tcp_reachable,
 )
 
+if TYPE_CHECKING:
+    from playwright.sync_api import BrowserContext, Page
+
 HARNESS_DAGS = Path(__file__).parent / "harness_dags"
 AWS_CONN_ID = "aws_healthimaging_local"
 
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip locally; under ``CI=true`` a missing prerequisite is a failure.
+
+    :param reason: what is missing and how to get it
+    """
+    if in_ci():
+        pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip", pytrace=False)
+    pytest.skip(reason)
 
 
 def require_services() -> None:
@@ -39,10 +55,7 @@ def require_services() -> None:
     ]
     if not missing:
         return
-    reason = f"deployment tests need {' and '.join(missing)} (TCP connect failed)"
-    if in_ci():
-        pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip", pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail(f"deployment tests need {' and '.join(missing)} (TCP connect failed)")
 
 
 def build_dags_folder(target: Path) -> Path:
@@ -154,3 +167,38 @@ def make_endpoint(
         endpoint.stop()
         if failed:
             print(f"----- {endpoint.name} -----\n{tail(endpoint.component.log_path, 60)}")
+
+
+@pytest.fixture(scope="module")
+def browser_context() -> Iterator[BrowserContext]:
+    """Debian's chromium, headless with a fresh profile, shared by the tests of one module.
+
+    Module-scoped so that Playwright's event loop is gone before asyncio tests of other modules run.
+    """
+    executable = find_chromium()
+    if executable is None:
+        skip_or_fail(
+            "browser tests need Debian's chromium: apt-get install -y chromium (.ci/run installs it)"
+        )
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        skip_or_fail("browser tests need Python playwright: make install (the dev extra)")
+    with chromium_context(executable) as context:
+        yield context
+
+
+@pytest.fixture
+def ui_page(
+    deployment: AirflowDeployment, browser_context: BrowserContext, request: pytest.FixtureRequest
+) -> Iterator[Page]:
+    """A page of the api-server's UI, signed in as the deployment's admin; a screenshot is kept when the test fails."""
+    assert deployment.api is not None
+    at_failure = f"{request.node.name}-at-failure"
+    (ARTIFACTS / f"{at_failure}.png").unlink(missing_ok=True)
+    page = browser_context.new_page()
+    log_in(page, deployment.api.base_url, ADMIN_USER, deployment.password)
+    yield page
+    if test_failed(request):
+        print(f"\nscreenshot at failure: {screenshot(page, at_failure)}")
+    page.close()

@@ -504,6 +504,18 @@ class AirflowApi:
                 lines.append(str(entry))
         return "\n".join(lines)
 
+    # --- assets --------------------------------------------------------------------------------------------
+
+    def asset_events(self, **filters: Any) -> list[dict[str, Any]]:
+        """``GET /api/v2/assets/events`` (filters such as ``source_dag_id``, ``source_run_id``), oldest first."""
+        params = {"limit": 100, "order_by": "timestamp", **filters}
+        return list(self.json("GET", "/api/v2/assets/events", params=params)["asset_events"])
+
+    def consumed_asset_events(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """The asset events a run was created for (the run page's "Source Asset Events")."""
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/upstreamAssetEvents"
+        return list(self.json("GET", path)["asset_events"])
+
     # --- variables and connections ---------------------------------------------------------------------
 
     def set_variable(self, key: str, value: str) -> None:
@@ -824,6 +836,22 @@ class AirflowDeployment:
     def sample(self, name: str, interval: float = 0.25) -> ResourceSampler:
         """A ``ResourceSampler`` for a component (use as a context manager)."""
         return ResourceSampler(self.components[name], interval)
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """The rows of one SQL query on the deployment's metadata database (for checks the REST API cannot make).
+
+        :param sql: the query, with ``%s`` placeholders
+        :param params: their values
+        """
+        import psycopg2
+
+        connection = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=self.database)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                return list(cursor.fetchall())
+        finally:
+            connection.close()
 
     def log_tails(self, lines: int = 40, names: Iterable[str] | None = None) -> str:
         """The tails of the component logs, for failure reports."""

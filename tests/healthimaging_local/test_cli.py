@@ -16,7 +16,8 @@ from endpoint_helpers import ROLE_ARN, create_active_datastore, synthetic, uploa
 from healthimaging_local.server import LocalEndpoint
 
 BIN = Path(sys.executable).parent
-REFERENCE = Path("/work/shared/reference")
+#: The repository's copy of the Arazzo workflow and the OpenAPI description it names.
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def test_serve_prints_settings_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -95,12 +96,12 @@ def test_arazzo_workflow(endpoint: LocalEndpoint, tmp_path: Path) -> None:
     upload(s3, "arazzo-out", "", [])
     (tmp_path / "openapi").mkdir()
     (tmp_path / "arazzo").mkdir()
-    spec = yaml.safe_load((REFERENCE / "amazon-healthimaging-openapi.yaml").read_text())
+    spec = yaml.safe_load((DOCS / "openapi/amazon-healthimaging-openapi.yaml").read_text())
     spec["servers"] = [{"url": endpoint.url}]
     (tmp_path / "openapi" / "amazon-healthimaging-openapi.yaml").write_text(yaml.safe_dump(spec))
     workflow = tmp_path / "arazzo" / "workflow.yml"
     document = yaml.safe_load(
-        (REFERENCE / "amazon-healthimaging-import-dicom-and-search-workflow.yml").read_text()
+        (DOCS / "arazzo/amazon-healthimaging-import-dicom-and-search-workflow.yml").read_text()
     )
     for step in document["workflows"][0]["steps"]:
         for action in step.get("onSuccess", []):
