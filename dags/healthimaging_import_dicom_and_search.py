@@ -72,24 +72,21 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pendulum
-from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, XComArg
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param
 
 # Imported from their module, not from ``airflow.sdk``: the dag-processor pre-imports the ``airflow.*`` modules a
 # DAG file names before it forks a parser, so the decorators' import chain is paid once, not at every parse.
-from airflow.sdk.definitions.decorators import task, task_group
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.definitions.decorators import task
+from airflow.sdk.exceptions import AirflowFailException
 
-from healthimaging.operators import SearchImageSetsOperator, StartDICOMImportOperator
-from healthimaging.sensors import DICOMImportJobSensor
+from healthimaging.assets import IMAGE_SETS, IMAGE_SETS_ASSET_NAME  # noqa: F401 (the asset this DAG updates)
+from healthimaging.import_tasks import compose_imports
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
 DAG_ID = "healthimaging_import_dicom_and_search"
 
-#: Downstream DAGs schedule on this asset itself (same name and URI; not ``Asset.ref``, whose runs get no events).
-IMAGE_SETS_ASSET_NAME = "healthimaging_image_sets"
-IMAGE_SETS = Asset(name=IMAGE_SETS_ASSET_NAME, uri="x-medical-imaging://image-sets", group="medical-imaging")
 
 #: Airflow Variables read at run time (also from the environment as ``AIRFLOW_VAR_<NAME upper-cased>``).
 VAR_DATASTORE_ID = "healthimaging_datastore_id"
@@ -449,95 +446,6 @@ def resolve_imports() -> list[dict[str, Any]]:
     return specs
 
 
-@task(task_id="publish_image_sets", outlets=[IMAGE_SETS], execution_timeout=timedelta(minutes=5))
-def publish_image_sets(
-    datastore_id: str, job_id: str, image_set_ids: list[str] | None, **context: Any
-) -> list[str]:
-    """
-    Emit an asset event naming this import's image sets (ids only) for downstream DAGs.
-
-    :param datastore_id: the data store imported into.
-    :param job_id: the import job.
-    :param image_set_ids: ids of exactly this import's image sets.
-    """
-    ids = list(image_set_ids or [])
-    if not ids:
-        raise AirflowSkipException(f"Import job {job_id} produced no image sets: no asset event.")
-    context["outlet_events"][IMAGE_SETS].extra = {
-        "datastoreId": datastore_id,
-        "jobId": job_id,
-        "imageSetIds": ids,
-    }
-    return ids
-
-
-@task_group(group_id="import_dicom")
-def import_dicom(
-    datastore_id: str,
-    data_access_role_arn: str,
-    input_s3_uri: str,
-    output_s3_uri: str,
-    job_name: str | None,
-    client_token: str | None,
-    max_failed_files: int | None,
-    max_results: int,
-    include_phi: bool,
-) -> None:
-    """One import per prefix: start the job, wait for it (deferred), find its image sets, announce them."""
-    # [START howto_operator_start_dicom_import]
-    start = StartDICOMImportOperator(
-        task_id="start_import_job",
-        datastore_id=datastore_id,
-        data_access_role_arn=data_access_role_arn,
-        input_s3_uri=input_s3_uri,
-        output_s3_uri=output_s3_uri,
-        job_name=job_name,
-        client_token=client_token,
-        wait_for_completion=False,
-        max_active_tis_per_dag=1,
-        pool=IMPORT_POOL,
-        priority_weight=1,
-        weight_rule="absolute",
-        execution_timeout=timedelta(minutes=10),
-        map_index_template="{{ task.input_s3_uri }}",
-    )
-    # [END howto_operator_start_dicom_import]
-    job_id: Any = start.output  # the job id, resolved per map index at run time
-    # [START howto_sensor_dicom_import_job]
-    wait = DICOMImportJobSensor(
-        task_id="wait_for_import_job",
-        datastore_id=datastore_id,
-        job_id=job_id,
-        deferrable=True,
-        poke_interval=POKE_INTERVAL,
-        timeout=IMPORT_TIMEOUT.total_seconds(),
-        max_failed_files=max_failed_files,
-        max_active_tis_per_dag=MAX_IMPORTS_IN_FLIGHT,
-        pool=IMPORT_POOL,
-        priority_weight=10,
-        weight_rule="absolute",
-        execution_timeout=timedelta(minutes=30),
-        map_index_template="{{ task.job_id }}",
-    )
-    # [END howto_sensor_dicom_import_job]
-    # [START howto_operator_search_image_sets]
-    search = SearchImageSetsOperator(
-        task_id="search_image_sets",
-        datastore_id=datastore_id,
-        search_criteria="{{ params.search_criteria | tojson }}",
-        max_results=max_results,
-        all_pages=True,
-        import_job_id=job_id,
-        include_phi=include_phi,
-        execution_timeout=timedelta(minutes=30),
-        map_index_template="{{ task.import_job_id }}",
-    )
-    # [END howto_operator_search_image_sets]
-    wait >> search
-    image_set_ids: Any = XComArg(search, key="imageSetIds")
-    publish_image_sets(datastore_id, job_id, image_set_ids)
-
-
 with DAG(
     dag_id=DAG_ID,
     description="Import DICOM from S3 into AWS HealthImaging and find the image sets it became",
@@ -558,4 +466,4 @@ with DAG(
         "execution_timeout": timedelta(minutes=30),
     },
 ) as dag:
-    import_dicom.expand_kwargs(resolve_imports())
+    compose_imports(resolve_imports())

@@ -17,15 +17,14 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pendulum
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import dag, task
+
+# The asset the import DAG updates; schedule on it itself (not Asset.ref, whose runs get no asset events).
+from healthimaging.assets import IMAGE_SETS, IMAGE_SETS_ASSET_NAME  # noqa: F401
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
-#: The asset ``healthimaging_import_dicom_and_search`` updates: same name, URI and group (a test checks it).
-#: Schedule on the ``Asset`` itself: on ``Asset.ref(name=...)`` Airflow 3.3 creates runs without their asset events.
-IMAGE_SETS_ASSET_NAME = "healthimaging_image_sets"
-IMAGE_SETS = Asset(name=IMAGE_SETS_ASSET_NAME, uri="x-medical-imaging://image-sets", group="medical-imaging")
 
 log = logging.getLogger(__name__)
 

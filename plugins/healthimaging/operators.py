@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from datetime import UTC, datetime, timedelta
@@ -10,7 +11,7 @@ from time import sleep
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, conf
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from healthimaging.base import HealthImagingAwsMixin, aws_template_fields
 from healthimaging.links import HealthImagingDatastoreLink, HealthImagingImportJobLink
@@ -22,31 +23,81 @@ from healthimaging.validation import (
     coerce_optional_count,
     member_constraints,
     parse_search_criteria,
-    split_s3_uri,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from airflow.sdk import Context
 
-# Per-job quotas of StartDICOMImportJob (AWS general reference, HealthImaging quotas).
-MAX_FILES_PER_JOB = 5_000
-MAX_BYTES_PER_JOB = 10 * 1024**3
-MAX_FOLDERS_PER_JOB = 10_000
 START_RETRY_CODES = frozenset({"ServiceQuotaExceededException", "ThrottlingException"})
+#: Errors a retry cannot fix: the task fails at once instead of retrying for minutes.
+START_FATAL_CODES = frozenset(
+    {"ValidationException", "ResourceNotFoundException", "ConflictException", "AccessDeniedException"}
+)
 PHI_TAGS = ("DICOMPatientName", "DICOMPatientId", "DICOMPatientBirthDate", "DICOMAccessionNumber")
 PHI_MASK = "***"
+#: Version of the client-token derivation; changing how tokens are derived must change it.
+TOKEN_SCHEME = "healthimaging-token/2"
+#: The most FAILED jobs one input walks past (each FAILED job moves the input to the next token).
+MAX_TOKEN_CHAIN = 20
+#: task_state_store key of the job a task instance started (survives retries and clears of the same run).
+STATE_KEY = "healthimaging_import_job"
 
 
-def default_client_token(dag_id: str, run_id: str, task_id: str, map_index: int | None) -> str:
+def request_digest(request: Mapping[str, Any]) -> str:
+    """sha256 of a StartDICOMImportJob request without its client token (canonical JSON).
+
+    :param request: the request's members
     """
-    Idempotency token for one task instance (not one try), so a retried or cleared task re-attaches.
+    canonical = {k: v for k, v in request.items() if k != "clientToken" and v is not None}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
+
+def task_instance_scope(dag_id: str, run_id: str, task_id: str, map_index: int | None) -> str:
+    """The scope of a token that belongs to one task instance (not one try).
+
+    :return: ``ti:`` and the task instance's ids
+    """
+    return "ti:" + "\x1f".join((dag_id, run_id, task_id, str(-1 if map_index is None else map_index)))
+
+
+def default_client_token(request: Mapping[str, Any], scope: str) -> str:
+    """Idempotency token of one request in one scope: the same request in the same scope gets the same job.
+
+    The scope is either a task instance (:func:`task_instance_scope`), so that a retried or cleared task
+    re-attaches, or the content of the input (``content:<digest>``), so that every run that imports the same
+    objects into the same data store attaches to one job. Any change to the request gives another token, so
+    changed parameters start a new job instead of a ConflictException.
+
+    :param request: the request's members (``clientToken`` ignored)
+    :param scope: what the token is unique to
     :return: 64 lowercase hex characters (sha256), which fit the model's ``[A-Za-z0-9._-]{1,64}``
     """
-    key = "\x1f".join((dag_id, run_id, task_id, str(-1 if map_index is None else map_index)))
+    key = "\x1f".join((TOKEN_SCHEME, scope, request_digest(request)))
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def next_client_token(token: str, failed_job_id: str) -> str:
+    """The token to use after the job started with ``token`` FAILED (deterministic, so retries agree).
+
+    :param token: the token of the FAILED job
+    :param failed_job_id: that job's id
+    """
+    return hashlib.sha256(f"{TOKEN_SCHEME}\x1fnext\x1f{token}\x1f{failed_job_id}".encode()).hexdigest()
+
+
+def sanitize_job_name(name: str) -> str:
+    """Fit a name to the model's jobName pattern and length (a hash suffix keeps shortened names apart).
+
+    :param name: the wanted name
+    """
+    name = re.sub(r"[^A-Za-z0-9._/#-]", "-", name)
+    limit = int(member_constraints("job_name")["max"])
+    if len(name) > limit:
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+        name = f"{name[: limit - 9]}-{digest}"
+    return name
 
 
 def default_job_name(dag_id: str, run_id: str, map_index: int | None = None) -> str:
@@ -55,13 +106,9 @@ def default_job_name(dag_id: str, run_id: str, map_index: int | None = None) -> 
 
     :return: ``<dag_id>.<run_id>[.<map_index>]``, shortened with a hash suffix when too long
     """
-    name = f"{dag_id}.{run_id}" + ("" if map_index is None or map_index < 0 else f".{map_index}")
-    name = re.sub(r"[^A-Za-z0-9._/#-]", "-", name)
-    limit = int(member_constraints("job_name")["max"])
-    if len(name) > limit:
-        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
-        name = f"{name[: limit - 9]}-{digest}"
-    return name
+    return sanitize_job_name(
+        f"{dag_id}.{run_id}" + ("" if map_index is None or map_index < 0 else f".{map_index}")
+    )
 
 
 def _map_index(context: Context) -> int | None:
@@ -73,22 +120,30 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
     """
     Start a DICOM import job from S3 into a HealthImaging data store; return its job id.
 
-    The default ``client_token`` is derived from (dag_id, run_id, task_id, map_index), so a retried or
-    cleared task gets the job it already started instead of importing twice. Inputs are checked against
-    the API's patterns before any AWS call. Pushes XCom keys ``jobId``, ``jobStatus``, ``submittedAt``
-    and ``datastoreId``; ``return_value`` is the job id.
+    Exactly once, with Airflow's own recovery verbs: the default ``client_token`` is a hash of the request and of
+    its scope, the task instance or (with ``content_digest``) the content of the input. A retried or cleared task,
+    or a backfill that reprocesses the run, re-attaches to the job that is SUBMITTED, IN_PROGRESS or COMPLETED.
+    After the job FAILED, the next start uses the next token of a chain (:func:`next_client_token`) and starts a
+    new job. Changed parameters give another token, so they start a new job. The job started is also kept in
+    Airflow's ``task_state_store``, so a retry re-attaches without calling StartDICOMImportJob again.
 
-    Built on ``airflow.sdk.BaseOperator`` with :class:`~healthimaging.base.HealthImagingAwsMixin` rather than
-    the Amazon provider's internal ``AwsBaseOperator``, whose module imports boto3 and botocore: a DAG file
-    using this operator would pay for them at every parse. The interface (AWS arguments, ``hook``,
-    templated AWS fields) is the same; boto3 is imported when the task runs.
+    Starts are paced across all runs (``[healthimaging] start_rate`` and ``max_imports_in_flight``, see
+    :mod:`healthimaging.pacing`): while the data store is full or the last start is too recent, the task defers.
+
+    Inputs are checked against the API's patterns before any AWS call; errors a retry cannot fix fail the task
+    at once. ``return_value`` is the job id; XCom key ``jobStatus`` holds the status StartDICOMImportJob returned.
 
     :param datastore_id: the data store id (templated)
     :param data_access_role_arn: IAM role the service assumes to read input and write output (templated)
     :param input_s3_uri: S3 prefix of the DICOM P10 files (templated)
     :param output_s3_uri: S3 prefix for the job's output folder; must lie outside the input (templated)
-    :param job_name: job name; defaults to ``<dag_id>.<run_id>`` sanitized (templated)
-    :param client_token: idempotency token; defaults to a hash of the task instance (templated)
+    :param job_name: job name; defaults to ``<dag_id>.<run_id>[.<map_index>]``, or ``<dag_id>.<digest>`` with
+        ``content_digest`` (templated)
+    :param client_token: idempotency token, used as given (no chain after a FAILED job); default derived as
+        above (templated)
+    :param content_digest: digest of the input's objects (keys, ETags, sizes; the planner's chunk digest): scope
+        the token to the content instead of the task instance, so that any run importing the same objects
+        attaches to one job (templated)
     :param input_owner_account_id: account id owning the input bucket, when not the caller's
     :param wait_for_completion: wait for the job to end in the worker
     :param waiter_delay: seconds between polls
@@ -96,9 +151,8 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
     :param deferrable: wait in the triggerer (needs aiobotocore)
     :param max_failed_files: when waiting, fail a COMPLETED job with more failed files; None only warns
         (templated; a rendered string such as ``"3"`` or ``"None"`` is parsed)
-    :param check_input_quota: count objects and bytes under the input prefix first and refuse a prefix
-        above the per-job quotas (5,000 files, 10 GB)
     :param start_retries: retries of StartDICOMImportJob on throttling or ServiceQuotaExceeded
+    :param pace_starts: keep the ``[healthimaging]`` start pace (defer while the data store is full)
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates
@@ -112,6 +166,7 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         "output_s3_uri",
         "job_name",
         "client_token",
+        "content_digest",
         "max_failed_files",
     )
     operator_extra_links = (HealthImagingDatastoreLink(), HealthImagingImportJobLink())
@@ -129,14 +184,15 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         output_s3_uri: str,
         job_name: str | None = None,
         client_token: str | None = None,
+        content_digest: str | None = None,
         input_owner_account_id: str | None = None,
         wait_for_completion: bool = False,
         waiter_delay: int = 30,
         waiter_max_attempts: int = 120,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         max_failed_files: int | None = None,
-        check_input_quota: bool = False,
         start_retries: int = 8,
+        pace_starts: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -146,55 +202,123 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         self.output_s3_uri = output_s3_uri
         self.job_name = job_name
         self.client_token = client_token
+        self.content_digest = content_digest
         self.input_owner_account_id = input_owner_account_id
         self.wait_for_completion = wait_for_completion
         self.waiter_delay = waiter_delay
         self.waiter_max_attempts = waiter_max_attempts
         self.deferrable = deferrable
         self.max_failed_files = max_failed_files
-        self.check_input_quota = check_input_quota
         self.start_retries = start_retries
+        self.pace_starts = pace_starts
 
-    def execute(self, context: Context) -> str:
-        from healthimaging.hooks import to_iso
-
+    def _request(self, context: Context) -> dict[str, Any]:
+        """The request without its client token, checked against the model before any AWS call."""
         ti = context["ti"]
-        map_index = _map_index(context)
-        client_token = self.client_token or default_client_token(
-            ti.dag_id, context["run_id"], ti.task_id, map_index
-        )
-        job_name = self.job_name or default_job_name(ti.dag_id, context["run_id"], map_index)
-        check_import_parameters(
-            datastore_id=self.datastore_id,
-            data_access_role_arn=self.data_access_role_arn,
-            input_s3_uri=self.input_s3_uri,
-            output_s3_uri=self.output_s3_uri,
-            job_name=job_name,
-            client_token=client_token,
-            input_owner_account_id=self.input_owner_account_id,
-        )
-        coerce_optional_count("max_failed_files", self.max_failed_files)
-        if self.check_input_quota:
-            self._check_input_quota()
-
+        if self.content_digest and not re.fullmatch(r"[0-9a-f]{16,64}", str(self.content_digest)):
+            raise AirflowFailException("content_digest must be 16 to 64 lowercase hex characters")
+        if self.job_name:
+            job_name = self.job_name
+        elif self.content_digest:
+            job_name = sanitize_job_name(f"{ti.dag_id}.{str(self.content_digest)[:16]}")
+        else:
+            job_name = default_job_name(ti.dag_id, context["run_id"], _map_index(context))
         request: dict[str, Any] = {
             "jobName": job_name,
             "dataAccessRoleArn": self.data_access_role_arn,
-            "clientToken": client_token,
             "datastoreId": self.datastore_id,
             "inputS3Uri": self.input_s3_uri,
             "outputS3Uri": self.output_s3_uri,
         }
         if self.input_owner_account_id:
             request["inputOwnerAccountId"] = self.input_owner_account_id
-        response = self._start_with_retries(request)
-        job_id = response["jobId"]
-        self.log.info("DICOM import job %s is %s (job name %s)", job_id, response["jobStatus"], job_name)
+        try:
+            check_import_parameters(
+                datastore_id=self.datastore_id,
+                data_access_role_arn=self.data_access_role_arn,
+                input_s3_uri=self.input_s3_uri,
+                output_s3_uri=self.output_s3_uri,
+                job_name=job_name,
+                client_token=self.client_token or "0" * 64,
+                input_owner_account_id=self.input_owner_account_id,
+            )
+            coerce_optional_count("max_failed_files", self.max_failed_files)
+        except ValueError as error:
+            raise AirflowFailException(str(error)) from None
+        return request
 
-        ti.xcom_push(key="jobId", value=job_id)
-        ti.xcom_push(key="jobStatus", value=response["jobStatus"])
-        ti.xcom_push(key="submittedAt", value=to_iso(response.get("submittedAt")))
-        ti.xcom_push(key="datastoreId", value=self.datastore_id)
+    def _token(self, context: Context, request: Mapping[str, Any]) -> str:
+        if self.client_token:
+            return str(self.client_token)
+        if self.content_digest:
+            return default_client_token(request, f"content:{self.content_digest}")
+        ti = context["ti"]
+        scope = task_instance_scope(ti.dag_id, context["run_id"], ti.task_id, _map_index(context))
+        return default_client_token(request, scope)
+
+    def execute(self, context: Context) -> str:
+        from healthimaging.hooks import import_job_states
+
+        request = self._request(context)
+        digest = request_digest(request)
+        token = self._token(context, request)
+        failure = import_job_states()["failure"]
+        store = context.get("task_state_store")
+        stored = store.get(STATE_KEY) if store is not None else None
+        if isinstance(stored, dict) and stored.get("request") == digest and stored.get("jobId"):
+            stored_job, stored_token = str(stored["jobId"]), str(stored["clientToken"])
+            job = self.hook.get_import_job(self.datastore_id, stored_job)
+            if job["jobStatus"] not in failure:
+                self.log.info("Re-attaching to DICOM import job %s (%s)", stored_job, job["jobStatus"])
+                return self._started(context, stored_job, job["jobStatus"])
+            token = self._after_failed(stored_token, stored_job)
+
+        if self.pace_starts:
+            self._keep_pace()
+        for _ in range(MAX_TOKEN_CHAIN):
+            response = self._start_with_retries({**request, "clientToken": token})
+            if response["jobStatus"] not in failure:
+                break
+            token = self._after_failed(token, response["jobId"])
+        else:
+            raise AirflowFailException(
+                f"{MAX_TOKEN_CHAIN} import jobs of {self.input_s3_uri} FAILED; fix the cause, then pass a new "
+                "client_token"
+            )
+        job_id = response["jobId"]
+        if store is not None:
+            store.set(STATE_KEY, {"jobId": job_id, "clientToken": token, "request": digest})
+        self.log.info(
+            "DICOM import job %s is %s (job name %s)", job_id, response["jobStatus"], request["jobName"]
+        )
+        return self._started(context, job_id, response["jobStatus"])
+
+    def _after_failed(self, token: str, job_id: str) -> str:
+        if self.client_token:
+            raise AirflowFailException(
+                f"DICOM import job {job_id} of client_token {token} FAILED: pass a new client_token to import again"
+            )
+        self.log.warning("DICOM import job %s of this input FAILED earlier: starting a new job", job_id)
+        return next_client_token(token, job_id)
+
+    def _keep_pace(self) -> None:
+        from healthimaging.pacing import StartPace, seconds_until_start
+
+        wait = seconds_until_start(self.hook.conn, self.datastore_id, StartPace.from_config())
+        if wait > 0:
+            from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+
+            self.log.info(
+                "Data store %s is at its start pace: waiting %.0f s (deferred)", self.datastore_id, wait
+            )
+            self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=wait)), method_name="resume_start")
+
+    def resume_start(self, context: Context, event: Any = None) -> str:
+        """Ask the pace again after waiting for it (the deferral's ``method_name``)."""
+        return self.execute(context)
+
+    def _started(self, context: Context, job_id: str, status: str) -> str:
+        context["ti"].xcom_push(key="jobStatus", value=status)
         link_args: dict[str, Any] = {
             "context": context,
             "operator": self,
@@ -249,40 +373,11 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
                     )
                     sleep(pause)
                     continue
-                raise AirflowException(
-                    f"StartDICOMImportJob into data store {self.datastore_id} failed: {code}: {message}"
-                ) from error
+                failure = f"StartDICOMImportJob into data store {self.datastore_id} failed: {code}: {message}"
+                if code in START_FATAL_CODES:
+                    raise AirflowFailException(failure) from error
+                raise AirflowException(failure) from error
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _check_input_quota(self) -> None:
-        bucket, prefix = split_s3_uri(self.input_s3_uri)
-        files = size = 0
-        folders: set[str] = set()
-        children: dict[str, list[int]] = {}
-        paginator = self.hook.s3_hook.get_conn().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                files += 1
-                size += int(item.get("Size", 0))
-                relative = item["Key"][len(prefix) :]
-                folders.add(relative.rpartition("/")[0])
-                child = relative.split("/", 1)[0] + ("/" if "/" in relative else "")
-                counts = children.setdefault(child, [0, 0])
-                counts[0] += 1
-                counts[1] += int(item.get("Size", 0))
-        self.log.info("Input %s holds %d objects, %d bytes", self.input_s3_uri, files, size)
-        if files <= MAX_FILES_PER_JOB and size <= MAX_BYTES_PER_JOB and len(folders) <= MAX_FOLDERS_PER_JOB:
-            return
-        biggest = sorted(children.items(), key=lambda kv: kv[1][0], reverse=True)[:20]
-        listing = "\n".join(
-            f"  s3://{bucket}/{prefix}{name}: {n} files, {b} bytes" for name, (n, b) in biggest
-        )
-        raise AirflowException(
-            f"input_s3_uri {self.input_s3_uri} holds {files} files, {size} bytes in {len(folders)} folders; "
-            f"one import job takes at most {MAX_FILES_PER_JOB} files, {MAX_BYTES_PER_JOB} bytes and "
-            f"{MAX_FOLDERS_PER_JOB} folders. Split it into several jobs (e.g. one per sub-prefix, with "
-            f"StartDICOMImportOperator.partial(...).expand(input_s3_uri=[...])). Largest sub-prefixes:\n{listing}"
-        )
 
     def _wait(self, job_id: str) -> None:
         from airflow.providers.amazon.aws.exceptions import WaiterTerminalFailure
