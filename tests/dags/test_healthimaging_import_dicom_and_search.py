@@ -35,7 +35,7 @@ STEP_TASKS = {
 }
 #: workflow output -> (step's task, XCom key, key inside the value or None)
 OUTPUT_XCOMS = {
-    "jobId": ("import_dicom.start_import_job", "jobId", None),
+    "jobId": ("import_dicom.start_import_job", "return_value", None),
     "jobStatus": ("import_dicom.wait_for_import_job", "return_value", "jobStatus"),
     "firstImageSetId": ("import_dicom.search_image_sets", "firstImageSetId", None),
     "imageSetsMetadataSummaries": ("import_dicom.search_image_sets", "imageSetsMetadataSummaries", None),
@@ -356,7 +356,7 @@ def test_end_to_end_workflow_outputs_in_xcom(
     with create_session() as session:
         events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run.run_id)).all()
         extras = sorted((e.extra for e in events), key=lambda e: e["jobId"])
-    jobs = sorted(xcoms[("import_dicom.start_import_job", i, "jobId")] for i in range(len(prefixes)))
+    jobs = sorted(xcoms[("import_dicom.start_import_job", i, "return_value")] for i in range(len(prefixes)))
     assert [e["jobId"] for e in extras] == jobs
     assert all(e["datastoreId"] == datastore_id for e in extras)
     assert {i for e in extras for i in e["imageSetIds"]} == seen
@@ -379,7 +379,7 @@ def test_nightly_run_imports_its_data_intervals_prefix(
     xcoms = run_xcoms(IMPORT_DAG_ID, run.run_id)
     specs = xcoms[("resolve_imports", -1, "return_value")]
     assert [s["input_s3_uri"] for s in specs] == [f"s3://{BUCKET}/incoming/2025/01/30/"]
-    job_id = xcoms[("import_dicom.start_import_job", 0, "jobId")]
+    job_id = xcoms[("import_dicom.start_import_job", 0, "return_value")]
     job = mi.get_dicom_import_job(datastoreId=datastore_id, jobId=job_id)["jobProperties"]
     assert job["inputS3Uri"] == f"s3://{BUCKET}/incoming/2025/01/30/"
     assert sorted(xcoms[("import_dicom.search_image_sets", 0, "imageSetIds")]) == sorted(
