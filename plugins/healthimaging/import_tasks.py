@@ -9,6 +9,7 @@ nightly/backfill/manual DAG and the on-arrival DAG) runs the same tasks:
   staging needed but not configured) fails the run before any job starts.
 - ``import_dicom``: mapped over the chunks; one StartDICOMImportJob per chunk with a client token scoped to the
   chunk's content, so retries, clears, backfills and other runs of the same objects attach to one job.
+- ``publish_image_sets``: one event on the asset ``healthimaging_image_sets`` naming every image set the run found.
 - ``import_report``: after every chunk, accounts for every listed object (:mod:`healthimaging.report`), writes the
   report next to the plan, removes the staged copies of completed chunks, and fails the run when anything is
   unaccounted for or any import task failed.
@@ -23,7 +24,7 @@ import re
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import XComArg, conf
+from airflow.sdk import conf
 
 # Imported from their module, not from ``airflow.sdk``: the dag-processor pre-imports the ``airflow.*`` modules a
 # DAG file names before it forks a parser, so the decorators' import chain is paid once, not at every parse.
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 GROUP_ID = "import_dicom"
 START_TASK_ID = f"{GROUP_ID}.start_import_job"
+SEARCH_TASK_ID = f"{GROUP_ID}.search_image_sets"
 IMPORT_TIMEOUT = timedelta(hours=12)
 #: Keys of a resolved import spec that each chunk's import takes as they are.
 CHUNK_KEYS = (
@@ -173,27 +175,43 @@ def plan_imports(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @task(
     task_id="publish_image_sets",
     outlets=[IMAGE_SETS],
+    trigger_rule="all_done",
     execution_timeout=timedelta(minutes=5),
-    map_index_template="{{ import_job_id }}",
 )
-def publish_image_sets(datastore_id: str, job_id: str, image_set_ids: list[str] | None) -> list[str]:
-    """
-    Emit an asset event naming this import's image sets (ids only) for downstream DAGs.
+def publish_image_sets(chunks: list[dict[str, Any]] | None = None) -> list[str]:
+    """Emit one asset event naming the image sets of every import of the run that found some (ids only).
 
-    :param datastore_id: the data store imported into
-    :param job_id: the import job
-    :param image_set_ids: ids of exactly this import's image sets
+    One event per run, not one per chunk: Airflow 3.3.2 keeps one queue entry per (asset, consumer) and hands an
+    event registered while that entry is pending to the consumer's next run, which only the asset's next event
+    starts (apache/airflow#54659); events of one task arrive together.
+
+    :param chunks: ``plan_imports``'s chunk list (index = map index of ``import_dicom``)
+    :return: the image-set ids announced
     """
     from airflow.sdk import get_current_context
 
     context = get_current_context()
-    context["import_job_id"] = job_id  # type: ignore[typeddict-unknown-key]
-    ids = list(image_set_ids or [])
-    if not ids:
-        raise AirflowSkipException(f"Import job {job_id} produced no image sets: no asset event.")
-    extra: dict[str, Any] = {"datastoreId": datastore_id, "jobId": job_id, "imageSetIds": ids}
+    ti = context["ti"]
+    imports = []
+    for map_index, chunk in enumerate(chunks or []):
+        job_id = ti.xcom_pull(task_ids=START_TASK_ID, map_indexes=map_index)
+        ids = ti.xcom_pull(task_ids=SEARCH_TASK_ID, key="imageSetIds", map_indexes=map_index)
+        if job_id and ids:
+            imports.append(
+                {"datastoreId": chunk["datastore_id"], "jobId": str(job_id), "imageSetIds": list(ids)}
+            )
+    if not imports:
+        raise AirflowSkipException("No import of this run found image sets: no asset event.")
+    all_ids = [i for item in imports for i in item["imageSetIds"]]
+    extra: dict[str, Any] = {
+        "datastoreId": imports[0]["datastoreId"],
+        "jobIds": [item["jobId"] for item in imports],
+        "imageSetIds": all_ids,
+        "imports": imports,
+    }
     context["outlet_events"][IMAGE_SETS].extra = extra
-    return ids
+    log.info("Announced %d image set(s) of %d import(s)", len(all_ids), len(imports))
+    return all_ids
 
 
 @task_group(group_id=GROUP_ID)
@@ -263,8 +281,6 @@ def import_dicom(
     )
     # [END howto_operator_search_image_sets]
     wait >> search
-    image_set_ids: Any = XComArg(search, key="imageSetIds")
-    publish_image_sets(datastore_id, job_id, image_set_ids)
 
 
 @task(task_id="import_report", trigger_rule="all_done", execution_timeout=timedelta(hours=1), retries=2)
@@ -348,5 +364,5 @@ def compose_imports(specs: Any) -> Any:
     chunks: Any = plan_imports(specs)
     imports = import_dicom.expand_kwargs(chunks)
     report = import_report(chunks)
-    imports >> report
+    imports >> [publish_image_sets(chunks), report]
     return report

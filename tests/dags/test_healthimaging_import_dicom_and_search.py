@@ -355,11 +355,15 @@ def test_end_to_end_workflow_outputs_in_xcom(
 
     with create_session() as session:
         events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run.run_id)).all()
-        extras = sorted((e.extra for e in events), key=lambda e: e["jobId"])
+        extras = [e.extra for e in events]
+    # One event per run (events of one task reach a consumer's run together), one entry per import in it.
+    assert len(extras) == 1
     jobs = sorted(xcoms[("import_dicom.start_import_job", i, "return_value")] for i in range(len(prefixes)))
-    assert [e["jobId"] for e in extras] == jobs
-    assert all(e["datastoreId"] == datastore_id for e in extras)
-    assert {i for e in extras for i in e["imageSetIds"]} == seen
+    assert sorted(extras[0]["jobIds"]) == jobs
+    assert sorted(item["jobId"] for item in extras[0]["imports"]) == jobs
+    assert extras[0]["datastoreId"] == datastore_id
+    assert set(extras[0]["imageSetIds"]) == seen
+    assert {i for item in extras[0]["imports"] for i in item["imageSetIds"]} == seen
 
 
 @pytest.mark.slow
@@ -417,7 +421,15 @@ def test_example_dag_reads_ids_from_asset_events(dagbag: Any) -> None:
         SimpleNamespace(extra={"datastoreId": DATASTORE, "jobId": "j1", "imageSetIds": ["a" * 32, "b" * 32]}),
         SimpleNamespace(extra={"datastoreId": DATASTORE, "jobId": "j2", "imageSetIds": []}),
         SimpleNamespace(extra=None),
+        SimpleNamespace(
+            extra={
+                "datastoreId": DATASTORE,
+                "imageSetIds": ["c" * 32],
+                "imports": [{"datastoreId": DATASTORE, "jobId": "j3", "imageSetIds": ["c" * 32]}],
+            }
+        ),
     ]
     assert module.new_image_sets(events) == [
-        {"datastoreId": DATASTORE, "jobId": "j1", "imageSetIds": ["a" * 32, "b" * 32]}
+        {"datastoreId": DATASTORE, "jobId": "j1", "imageSetIds": ["a" * 32, "b" * 32]},
+        {"datastoreId": DATASTORE, "jobId": "j3", "imageSetIds": ["c" * 32]},
     ]
