@@ -7,8 +7,10 @@ nightly/backfill/manual DAG and the on-arrival DAG) runs the same tasks:
 - ``plan_imports``: one listing per prefix, split into quota-sized chunks (:mod:`healthimaging.planner`), plans
   written to S3, loose files staged (:mod:`healthimaging.staging`). A prefix that cannot be planned (empty, or
   staging needed but not configured) fails the run before any job starts.
-- ``import_dicom``: mapped over the chunks; one StartDICOMImportJob per chunk with a client token scoped to the
-  chunk's content, so retries, clears, backfills and other runs of the same objects attach to one job.
+- ``start_imports``: one StartDICOMImportJob per chunk, at the service's pace, from one task (task scheduling
+  would space serialised start tasks seconds apart), with a client token scoped to the chunk's content, so
+  retries, clears, backfills and other runs of the same objects attach to one job.
+- ``import_dicom``: mapped over the started jobs: wait for the job (deferred), search exactly its image sets.
 - ``publish_image_sets``: one event on the asset ``healthimaging_image_sets`` naming every image set the run found.
 - ``import_report``: after every chunk, accounts for every listed object (:mod:`healthimaging.report`), writes the
   report next to the plan, removes the staged copies of completed chunks, and fails the run when anything is
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
 GROUP_ID = "import_dicom"
-START_TASK_ID = f"{GROUP_ID}.start_import_job"
+START_TASK_ID = "start_imports"
 SEARCH_TASK_ID = f"{GROUP_ID}.search_image_sets"
 IMPORT_TIMEOUT = timedelta(hours=12)
 #: Keys of a resolved import spec that each chunk's import takes as they are.
@@ -172,20 +174,91 @@ def plan_imports(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return chunks
 
 
+@task(task_id="start_imports", execution_timeout=timedelta(hours=12), retries=3)
+def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Start one import job per chunk, in plan order, at the service's pace (one task, so starts are not
+    spaced by task scheduling); re-attach to jobs already started for a chunk.
+
+    Each chunk's job is started by a :class:`~healthimaging.operators.StartDICOMImportOperator` with the chunk's
+    content digest, so its client token is the chunk's: a retry, a clear, a backfill or another run of the same
+    objects re-attaches, a FAILED job is followed by a new one. Each job is also kept in this task's
+    ``task_state_store`` under its chunk. A chunk that cannot be started (a refusal a retry cannot fix) is left
+    out, logged and reported as not reached; a transient error fails the try, and the retry picks up where it
+    stopped.
+
+    :param chunks: ``plan_imports``'s chunk list
+    :return: the ``import_dicom`` arguments of every started job (XCom ``start_failures``: the chunks not started)
+    """
+    from airflow.sdk import get_current_context
+
+    from healthimaging.pacing import StartPace, StartPacer
+
+    context = get_current_context()
+    pace = StartPace.from_config()
+    pacers: dict[str, StartPacer] = {}
+    started: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    for n, chunk in enumerate(chunks):
+        # [START howto_operator_start_dicom_import]
+        operator = StartDICOMImportOperator(
+            task_id=f"start_import_job_{n}",
+            datastore_id=chunk["datastore_id"],
+            data_access_role_arn=chunk["data_access_role_arn"],
+            input_s3_uri=chunk["input_s3_uri"],
+            output_s3_uri=chunk["output_s3_uri"],
+            content_digest=chunk["content_digest"],
+            job_name=chunk.get("job_name"),
+            client_token=chunk.get("client_token"),
+            pace_starts=False,  # this task keeps the pace itself, below
+        )
+        # [END howto_operator_start_dicom_import]
+        pacer = pacers.get(chunk["datastore_id"])
+        if pacer is None:
+            pacer = pacers[chunk["datastore_id"]] = StartPacer(
+                operator.hook.conn, chunk["datastore_id"], pace
+            )
+        try:
+            job_id, status = operator.start_job(
+                context, state_key=f"job:{chunk['content_digest']}", before_start=pacer
+            )
+        except AirflowFailException as error:
+            log.error("Chunk %s (%s) not started: %s", chunk["chunk_id"], chunk["input_s3_uri"], error)
+            failures.append(
+                {"chunk_id": chunk["chunk_id"], "plan_index": chunk["plan_index"], "message": str(error)}
+            )
+            continue
+        log.info(
+            "Chunk %s %s -> import job %s (%s)", chunk["chunk_id"], chunk["input_s3_uri"], job_id, status
+        )
+        started.append(
+            {
+                "datastore_id": chunk["datastore_id"],
+                "job_id": job_id,
+                "max_failed_files": chunk.get("max_failed_files"),
+                "max_results": chunk["max_results"],
+                "include_phi": chunk["include_phi"],
+            }
+        )
+        chunk["job_id"] = job_id
+    context["ti"].xcom_push(key="start_failures", value=failures)
+    context["ti"].xcom_push(key="jobs", value=[c.get("job_id") for c in chunks])
+    return started
+
+
 @task(
     task_id="publish_image_sets",
     outlets=[IMAGE_SETS],
     trigger_rule="all_done",
     execution_timeout=timedelta(minutes=5),
 )
-def publish_image_sets(chunks: list[dict[str, Any]] | None = None) -> list[str]:
+def publish_image_sets(started: list[dict[str, Any]] | None = None) -> list[str]:
     """Emit one asset event naming the image sets of every import of the run that found some (ids only).
 
-    One event per run, not one per chunk: Airflow 3.3.2 keeps one queue entry per (asset, consumer) and hands an
+    One event per run, not one per job: Airflow 3.3.2 keeps one queue entry per (asset, consumer) and hands an
     event registered while that entry is pending to the consumer's next run, which only the asset's next event
     starts (apache/airflow#54659); events of one task arrive together.
 
-    :param chunks: ``plan_imports``'s chunk list (index = map index of ``import_dicom``)
+    :param started: ``start_imports``'s list (index = map index of ``import_dicom``)
     :return: the image-set ids announced
     """
     from airflow.sdk import get_current_context
@@ -193,12 +266,11 @@ def publish_image_sets(chunks: list[dict[str, Any]] | None = None) -> list[str]:
     context = get_current_context()
     ti = context["ti"]
     imports = []
-    for map_index, chunk in enumerate(chunks or []):
-        job_id = ti.xcom_pull(task_ids=START_TASK_ID, map_indexes=map_index)
+    for map_index, job in enumerate(started or []):
         ids = ti.xcom_pull(task_ids=SEARCH_TASK_ID, key="imageSetIds", map_indexes=map_index)
-        if job_id and ids:
+        if ids:
             imports.append(
-                {"datastoreId": chunk["datastore_id"], "jobId": str(job_id), "imageSetIds": list(ids)}
+                {"datastoreId": job["datastore_id"], "jobId": job["job_id"], "imageSetIds": list(ids)}
             )
     if not imports:
         raise AirflowSkipException("No import of this run found image sets: no asset event.")
@@ -217,39 +289,12 @@ def publish_image_sets(chunks: list[dict[str, Any]] | None = None) -> list[str]:
 @task_group(group_id=GROUP_ID)
 def import_dicom(
     datastore_id: str,
-    data_access_role_arn: str,
-    input_s3_uri: str,
-    output_s3_uri: str,
-    content_digest: str,
-    job_name: str | None,
-    client_token: str | None,
+    job_id: str,
     max_failed_files: int | None,
     max_results: int,
     include_phi: bool,
-    plan_index: int,
-    chunk_id: str,
 ) -> None:
-    """One import per chunk: start the job, wait for it (deferred), find its image sets, announce them."""
-    # [START howto_operator_start_dicom_import]
-    start = StartDICOMImportOperator(
-        task_id="start_import_job",
-        datastore_id=datastore_id,
-        data_access_role_arn=data_access_role_arn,
-        input_s3_uri=input_s3_uri,
-        output_s3_uri=output_s3_uri,
-        content_digest=content_digest,
-        job_name=job_name,
-        client_token=client_token,
-        wait_for_completion=False,
-        max_active_tis_per_dag=1,
-        pool=import_pool(),
-        priority_weight=1,
-        weight_rule="absolute",
-        execution_timeout=timedelta(minutes=10),
-        map_index_template="{{ task.input_s3_uri }}",
-    )
-    # [END howto_operator_start_dicom_import]
-    job_id: Any = start.output  # the job id, resolved per map index at run time
+    """One import job: wait for it (deferred), then find exactly its image sets."""
     # [START howto_sensor_dicom_import_job]
     wait = DICOMImportJobSensor(
         task_id="wait_for_import_job",
@@ -261,8 +306,6 @@ def import_dicom(
         max_failed_files=max_failed_files,
         max_active_tis_per_dag=max_imports_in_flight(),
         pool=import_pool(),
-        priority_weight=10,
-        weight_rule="absolute",
         execution_timeout=timedelta(minutes=30),
         map_index_template="{{ task.job_id }}",
     )
@@ -305,14 +348,18 @@ def import_report(chunks: list[dict[str, Any]] | None = None) -> list[dict[str, 
         raise AirflowFailException("plan_imports did not finish: no import was planned, nothing to report")
     s3 = S3Hook(aws_conn_id="aws_default").get_conn()
     hook = HealthImagingHook(aws_conn_id="aws_default")
+    job_ids = ti.xcom_pull(task_ids=START_TASK_ID, key="jobs") or [None] * len(chunks)
+    not_started = {
+        f["chunk_id"]: f["message"] for f in ti.xcom_pull(task_ids=START_TASK_ID, key="start_failures") or []
+    }
     jobs: dict[int, list[ChunkJob]] = {}
-    for map_index, chunk in enumerate(chunks):
-        job_id = ti.xcom_pull(task_ids=START_TASK_ID, map_indexes=map_index)
+    for chunk, job_id in zip(chunks, job_ids, strict=True):
         if job_id:
             properties = hook.get_import_job(chunk["datastore_id"], str(job_id))
             job = ChunkJob.from_job_properties(chunk["chunk_id"], properties)
         else:
-            job = ChunkJob(chunk["chunk_id"], message="StartDICOMImportJob did not succeed")
+            message = not_started.get(chunk["chunk_id"], "start_imports did not finish")
+            job = ChunkJob(chunk["chunk_id"], message=message[:500])
         jobs.setdefault(chunk["plan_index"], []).append(job)
 
     summaries = []
@@ -333,7 +380,9 @@ def import_report(chunks: list[dict[str, Any]] | None = None) -> list[dict[str, 
             log.warning(
                 "%d file(s) of %s failed to import (within max_failed_files)", failed, plan.input_s3_uri
             )
-    states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[context["run_id"]], task_group_id=GROUP_ID)
+    states = ti.get_task_states(
+        dag_id=ti.dag_id, run_ids=[context["run_id"]], task_ids=[START_TASK_ID], task_group_id=GROUP_ID
+    )
     unfinished = sorted(
         f"{task_id}[{map_index}]: {state}"
         for per_run in states.values()
@@ -362,7 +411,8 @@ def compose_imports(specs: Any) -> Any:
         ``client_token``, ``max_failed_files``, ``max_results``, ``include_phi``)
     """
     chunks: Any = plan_imports(specs)
-    imports = import_dicom.expand_kwargs(chunks)
+    started: Any = start_imports(chunks)
+    imports = import_dicom.expand_kwargs(started)
     report = import_report(chunks)
-    imports >> [publish_image_sets(chunks), report]
+    imports >> [publish_image_sets(started), report]
     return report

@@ -26,7 +26,7 @@ from healthimaging.validation import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from airflow.sdk import Context
 
@@ -257,6 +257,23 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         return default_client_token(request, scope)
 
     def execute(self, context: Context) -> str:
+        job_id, status = self.start_job(context, before_start=self._keep_pace if self.pace_starts else None)
+        return self._started(context, job_id, status)
+
+    def start_job(
+        self,
+        context: Context,
+        *,
+        state_key: str = STATE_KEY,
+        before_start: Callable[[], None] | None = None,
+    ) -> tuple[str, str]:
+        """Start this operator's job, or re-attach to it; no waiting, no XCom.
+
+        :param context: the running task's context (its ``task_state_store`` keeps the job across tries)
+        :param state_key: the ``task_state_store`` key of this job (one per job when a task starts several)
+        :param before_start: called before each StartDICOMImportJob call (to keep a pace)
+        :return: the job id and its status
+        """
         from healthimaging.hooks import import_job_states
 
         request = self._request(context)
@@ -264,18 +281,18 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         token = self._token(context, request)
         failure = import_job_states()["failure"]
         store = context.get("task_state_store")
-        stored = store.get(STATE_KEY) if store is not None else None
+        stored = store.get(state_key) if store is not None else None
         if isinstance(stored, dict) and stored.get("request") == digest and stored.get("jobId"):
             stored_job, stored_token = str(stored["jobId"]), str(stored["clientToken"])
             job = self.hook.get_import_job(self.datastore_id, stored_job)
             if job["jobStatus"] not in failure:
                 self.log.info("Re-attaching to DICOM import job %s (%s)", stored_job, job["jobStatus"])
-                return self._started(context, stored_job, job["jobStatus"])
+                return stored_job, str(job["jobStatus"])
             token = self._after_failed(stored_token, stored_job)
 
-        if self.pace_starts:
-            self._keep_pace()
         for _ in range(MAX_TOKEN_CHAIN):
+            if before_start is not None:
+                before_start()
             response = self._start_with_retries({**request, "clientToken": token})
             if response["jobStatus"] not in failure:
                 break
@@ -285,13 +302,13 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
                 f"{MAX_TOKEN_CHAIN} import jobs of {self.input_s3_uri} FAILED; fix the cause, then pass a new "
                 "client_token"
             )
-        job_id = response["jobId"]
+        job_id = str(response["jobId"])
         if store is not None:
-            store.set(STATE_KEY, {"jobId": job_id, "clientToken": token, "request": digest})
+            store.set(state_key, {"jobId": job_id, "clientToken": token, "request": digest})
         self.log.info(
             "DICOM import job %s is %s (job name %s)", job_id, response["jobStatus"], request["jobName"]
         )
-        return self._started(context, job_id, response["jobStatus"])
+        return job_id, str(response["jobStatus"])
 
     def _after_failed(self, token: str, job_id: str) -> str:
         if self.client_token:

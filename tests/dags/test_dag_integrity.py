@@ -125,17 +125,14 @@ def test_import_dag_schedule_and_limits(dagbag: Any) -> None:
     assert dag.catchup is False
     assert dag.max_active_runs is not None
     assert dag.max_active_runs <= 16
-    start = dag.get_task("import_dicom.start_import_job")
+    start = dag.get_task("start_imports")
     wait = dag.get_task("import_dicom.wait_for_import_job")
-    assert start.max_active_tis_per_dag == 1
     # Jobs in flight are bounded across all DAGs by the start pace (healthimaging.pacing); the sensor's own cap
     # is the same setting, so the DAG never holds more sensors than the data store holds jobs.
     assert wait.max_active_tis_per_dag == 100
     assert dag.get_task("import_report").trigger_rule == "all_done"
     assert wait.deferrable is True
     assert 0 < wait.timeout <= 24 * 3600
-    assert start.pool == wait.pool
-    assert wait.priority_weight > start.priority_weight
     assert start.retry_exponential_backoff
 
 

@@ -29,13 +29,15 @@ TEMPLATE = "s3://dicom-bucket/incoming/{{ data_interval_start.strftime('%Y/%m/%d
 
 #: stepId -> (task id, operator class name). The operation each one calls is checked below.
 STEP_TASKS = {
-    "startImportJob": ("import_dicom.start_import_job", "StartDICOMImportOperator"),
+    # One task starts every chunk's job (a StartDICOMImportOperator per chunk, at the service's pace).
+    "startImportJob": ("start_imports", "StartDICOMImportOperator"),
     "pollImportJob": ("import_dicom.wait_for_import_job", "DICOMImportJobSensor"),
     "searchImageSets": ("import_dicom.search_image_sets", "SearchImageSetsOperator"),
 }
 #: workflow output -> (step's task, XCom key, key inside the value or None)
 OUTPUT_XCOMS = {
-    "jobId": ("import_dicom.start_import_job", "return_value", None),
+    # start_imports returns every started job; per import, the sensor's result names its job.
+    "jobId": ("import_dicom.wait_for_import_job", "return_value", "jobId"),
     "jobStatus": ("import_dicom.wait_for_import_job", "return_value", "jobStatus"),
     "firstImageSetId": ("import_dicom.search_image_sets", "firstImageSetId", None),
     "imageSetsMetadataSummaries": ("import_dicom.search_image_sets", "imageSetsMetadataSummaries", None),
@@ -45,6 +47,17 @@ OUTPUT_XCOMS = {
 def snake(name: str) -> str:
     """``inputS3Uri`` -> ``input_s3_uri``."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def step_operator(task: Any) -> type:
+    """The operator class that performs a step: the task's own, or, for ``start_imports``, the one it runs per chunk."""
+    if task.task_id == "start_imports":
+        from healthimaging import import_tasks
+        from healthimaging.operators import StartDICOMImportOperator
+
+        assert "StartDICOMImportOperator(" in inspect.getsource(import_tasks.start_imports.function)
+        return StartDICOMImportOperator
+    return type(task)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +78,9 @@ class TestMirrorsWorkflow:
         assert step_ids == list(STEP_TASKS)
         tasks = [dag.get_task(STEP_TASKS[step][0]) for step in step_ids]
         for task, (_, class_name) in zip(tasks, STEP_TASKS.values(), strict=True):
-            assert class_name in [cls.__name__ for cls in type(task).__mro__]
-            assert task.task_group.group_id == "import_dicom"
+            assert class_name in [cls.__name__ for cls in step_operator(task).__mro__]
+            if task.task_id != "start_imports":
+                assert task.task_group.group_id == "import_dicom"
         for upstream, downstream in zip(tasks, tasks[1:], strict=False):
             assert upstream.task_id in downstream.get_flat_relative_ids(upstream=True)
 
@@ -94,7 +108,7 @@ class TestMirrorsWorkflow:
             else:
                 source = "".join(
                     inspect.getsource(cls)
-                    for cls in type(task).__mro__
+                    for cls in step_operator(task).__mro__
                     if cls.__module__.startswith("healthimaging")
                 )
                 assert f".{method}(" in source or f'"{method}"' in source, (step["stepId"], method)
@@ -127,17 +141,20 @@ class TestMirrorsWorkflow:
     def test_step_requests_map_to_operator_arguments(self, workflow: dict[str, Any], dag: Any) -> None:
         """Every path parameter and payload member of a step is a templated argument of its task."""
         for step in workflow["steps"]:
-            task = dag.get_task(STEP_TASKS[step["stepId"]][0])
+            operator = step_operator(dag.get_task(STEP_TASKS[step["stepId"]][0]))
             names = [p["name"] for p in step.get("parameters", [])]
             names += list((step.get("requestBody") or {}).get("payload") or {})
             for name in names:
                 argument = snake(name)
-                assert argument in task.template_fields, (step["stepId"], argument)
+                assert argument in operator.template_fields, (step["stepId"], argument)
 
     def test_workflow_outputs_are_mapped(self, workflow: dict[str, Any]) -> None:
         assert set(workflow["outputs"]) == set(OUTPUT_XCOMS)
         for output, expression in workflow["outputs"].items():
             step = expression.split(".")[1]
+            if output == "jobId":  # the start step's job id, per import in the sensor's result
+                assert step == "startImportJob"
+                continue
             assert OUTPUT_XCOMS[output][0] == STEP_TASKS[step][0], output
 
     def test_source_description_is_kept_beside_the_workflow(self, workflow: dict[str, Any]) -> None:
@@ -358,7 +375,7 @@ def test_end_to_end_workflow_outputs_in_xcom(
         extras = [e.extra for e in events]
     # One event per run (events of one task reach a consumer's run together), one entry per import in it.
     assert len(extras) == 1
-    jobs = sorted(xcoms[("import_dicom.start_import_job", i, "return_value")] for i in range(len(prefixes)))
+    jobs = sorted(j["job_id"] for j in xcoms[("start_imports", -1, "return_value")])
     assert sorted(extras[0]["jobIds"]) == jobs
     assert sorted(item["jobId"] for item in extras[0]["imports"]) == jobs
     assert extras[0]["datastoreId"] == datastore_id
@@ -383,7 +400,7 @@ def test_nightly_run_imports_its_data_intervals_prefix(
     xcoms = run_xcoms(IMPORT_DAG_ID, run.run_id)
     specs = xcoms[("resolve_imports", -1, "return_value")]
     assert [s["input_s3_uri"] for s in specs] == [f"s3://{BUCKET}/incoming/2025/01/30/"]
-    job_id = xcoms[("import_dicom.start_import_job", 0, "return_value")]
+    job_id = xcoms[("start_imports", -1, "return_value")][0]["job_id"]
     job = mi.get_dicom_import_job(datastoreId=datastore_id, jobId=job_id)["jobProperties"]
     assert job["inputS3Uri"] == f"s3://{BUCKET}/incoming/2025/01/30/"
     assert sorted(xcoms[("import_dicom.search_image_sets", 0, "imageSetIds")]) == sorted(
