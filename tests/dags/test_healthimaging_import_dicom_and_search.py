@@ -21,6 +21,8 @@ import pytest
 import yaml
 from dag_test_helpers import IMPORT_DAG_ID, ROOT, load_dag_module, run_xcoms, task_states
 
+from healthimaging.params import WORKFLOW_INPUT_PARAMS
+
 WORKFLOW_PATH = ROOT / "docs/arazzo/amazon-healthimaging-import-dicom-and-search-workflow.yml"
 DATASTORE = "0123456789abcdef0123456789abcdef"
 ROLE_ARN = "arn:aws:iam::123456789012:role/HealthImagingImport"
@@ -128,11 +130,9 @@ class TestMirrorsWorkflow:
             key = branch["type"] if branch["type"] == "end" else f"goto:{branch['stepId']}"
             assert acceptors[status] == expected[key], status
 
-    def test_a_param_per_workflow_input(
-        self, workflow: dict[str, Any], dag: Any, import_dag_module: Any
-    ) -> None:
+    def test_a_param_per_workflow_input(self, workflow: dict[str, Any], dag: Any) -> None:
         inputs = workflow["inputs"]["properties"]
-        assert import_dag_module.WORKFLOW_INPUT_PARAMS == {name: snake(name) for name in inputs}
+        assert WORKFLOW_INPUT_PARAMS == {name: snake(name) for name in inputs}
         for name in inputs:
             param = dag.params.get_param(snake(name))
             assert name in (param.schema.get("title") or ""), name
@@ -169,124 +169,6 @@ class TestMirrorsWorkflow:
             if "operationId" in op
         }
         assert {step["operationId"] for step in workflow["steps"]} <= operations
-
-
-class TestResolveInputs:
-    """The pure resolution behind ``resolve_imports`` (the real-Airflow paths are tested further down)."""
-
-    @staticmethod
-    def variables(**overrides: str | None) -> Any:
-        values = {
-            "healthimaging_datastore_id": DATASTORE,
-            "healthimaging_data_access_role_arn": ROLE_ARN,
-            "healthimaging_output_s3_uri": OUTPUT,
-            "healthimaging_input_s3_uri_template": TEMPLATE,
-            **overrides,
-        }
-        return values.get
-
-    def test_scheduled_run_renders_the_template(self, import_dag_module: Any) -> None:
-        specs = import_dag_module.resolve_import_specs(
-            {}, self.variables(), lambda t: t.replace(TEMPLATE, "s3://bkt/x/")
-        )
-        assert [s["input_s3_uri"] for s in specs] == ["s3://bkt/x/"]
-        assert specs[0]["datastore_id"] == DATASTORE
-        assert specs[0]["data_access_role_arn"] == ROLE_ARN
-        assert specs[0]["output_s3_uri"] == OUTPUT
-        assert specs[0]["client_token"] is None
-
-    def test_params_win_and_prefixes_are_deduplicated(self, import_dag_module: Any) -> None:
-        params = {
-            "datastore_id": "f" * 32,
-            "input_s3_uri": "s3://dicom-bucket/a/",
-            "input_s3_uris": ["s3://dicom-bucket/a/", "s3://dicom-bucket/b/"],
-            "max_results": 10,
-            "max_failed_files": 2,
-            "include_phi": True,
-        }
-        specs = import_dag_module.resolve_import_specs(params, self.variables(), None)
-        assert [s["input_s3_uri"] for s in specs] == ["s3://dicom-bucket/a/", "s3://dicom-bucket/b/"]
-        assert {s["datastore_id"] for s in specs} == {"f" * 32}
-        assert {(s["max_results"], s["max_failed_files"], s["include_phi"]) for s in specs} == {(10, 2, True)}
-
-    def test_manual_run_without_interval_needs_a_prefix(self, import_dag_module: Any) -> None:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        with pytest.raises(AirflowFailException, match="no data interval.*input_s3_uri"):
-            import_dag_module.resolve_import_specs({}, self.variables(), None)
-
-    @pytest.mark.parametrize(
-        ("variable", "value", "match"),
-        [
-            ("healthimaging_datastore_id", None, "datastore_id is not set.*healthimaging_datastore_id"),
-            ("healthimaging_datastore_id", "NOT-AN-ID", "datastore_id from Variable"),
-            (
-                "healthimaging_data_access_role_arn",
-                "arn:aws:iam::1:role/x",
-                "data_access_role_arn from Variable",
-            ),
-            ("healthimaging_output_s3_uri", "/tmp/out", "output_s3_uri from Variable"),
-            ("healthimaging_input_s3_uri_template", None, "healthimaging_input_s3_uri_template"),
-            ("healthimaging_input_s3_uri_template", "file:///x", "input_s3_uri from Variable"),
-        ],
-    )
-    def test_bad_configuration_is_refused(
-        self, import_dag_module: Any, variable: str, value: Any, match: str
-    ) -> None:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        with pytest.raises(AirflowFailException, match=match):
-            import_dag_module.resolve_import_specs({}, self.variables(**{variable: value}), lambda t: t)
-
-    @pytest.mark.parametrize(
-        ("criteria", "match"),
-        [
-            (
-                {
-                    "filters": [
-                        {
-                            "operator": "BETWEEN",
-                            "values": [{"DICOMPatientId": "P1"}, {"DICOMPatientId": "P2"}],
-                        }
-                    ]
-                },
-                "BETWEEN applies only to",
-            ),
-            (
-                {"filters": [{"operator": "EQUAL", "values": [{"createdAt": 1}, {"createdAt": 2}]}]},
-                "EQUAL takes",
-            ),
-            ("{not json", "not valid JSON"),
-        ],
-    )
-    def test_search_criteria_checked_before_any_import(
-        self, import_dag_module: Any, criteria: Any, match: str
-    ) -> None:
-        """Criteria the schema lets through but the API refuses fail resolve_imports, naming no value."""
-        from airflow.sdk.exceptions import AirflowFailException
-
-        params = {"input_s3_uri": "s3://dicom-bucket/a/", "search_criteria": criteria}
-        with pytest.raises(
-            AirflowFailException, match=f"param search_criteria is invalid.*{match}"
-        ) as raised:
-            import_dag_module.resolve_import_specs(params, self.variables(), None)
-        assert "P1" not in str(raised.value)
-        good = {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": "P1"}]}]}
-        specs = import_dag_module.resolve_import_specs(
-            {**params, "search_criteria": good}, self.variables(), None
-        )
-        assert len(specs) == 1
-
-    def test_one_client_token_cannot_name_several_imports(self, import_dag_module: Any) -> None:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        params = {"client_token": "tok", "input_s3_uris": ["s3://dicom-bucket/a/", "s3://dicom-bucket/b/"]}
-        with pytest.raises(AirflowFailException, match="client_token"):
-            import_dag_module.resolve_import_specs(params, self.variables(), None)
-        single = import_dag_module.resolve_import_specs(
-            {**params, "input_s3_uris": ["s3://dicom-bucket/a/"]}, self.variables(), None
-        )
-        assert single[0]["client_token"] == "tok"
 
 
 BUCKET = "e2e-dicom"
@@ -409,10 +291,18 @@ def test_nightly_run_imports_its_data_intervals_prefix(
 
 
 @pytest.mark.timeout(300)
-def test_manual_run_without_logical_date_or_prefix_is_refused(
-    airflow_db: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "conf",
+    [{}, {"input_s3_uri": "s3://dicom-bucket/"}],
+    ids=["no-prefix-no-interval", "input-contains-output"],
+)
+def test_manual_run_that_resolve_refuses_fails_at_once(
+    airflow_db: Path, monkeypatch: pytest.MonkeyPatch, conf: dict[str, Any]
 ) -> None:
-    """Nothing names a prefix and there is no data interval: resolve_imports fails and nothing is imported."""
+    """
+    The run is created; resolve_imports fails on its first try (no retry) and nothing else runs: no prefix and no
+    data interval, or an input prefix that contains the output prefix (issue 12 items 2 and 7).
+    """
     monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_DATASTORE_ID", DATASTORE)
     monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_DATA_ACCESS_ROLE_ARN", ROLE_ARN)
     monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_OUTPUT_S3_URI", OUTPUT)
@@ -422,11 +312,13 @@ def test_manual_run_without_logical_date_or_prefix_is_refused(
         json.dumps({"conn_type": "aws", "extra": {"endpoint_url": "http://127.0.0.1:9"}}),
     )
     dag = load_dag_module(IMPORT_DAG_ID).dag
-    run = dag.test(logical_date=None, run_conf={})
+    run = dag.test(logical_date=None, run_conf=conf)
     assert run.state == "failed"
     states = task_states(run)
     assert states[("resolve_imports", -1)] == "failed"
     assert [key for key, state in states.items() if key[0] != "resolve_imports" and state == "success"] == []
+    (resolve,) = [ti for ti in run.get_task_instances() if ti.task_id == "resolve_imports"]
+    assert resolve.try_number == 1
 
 
 def test_example_dag_reads_ids_from_asset_events(dagbag: Any) -> None:
