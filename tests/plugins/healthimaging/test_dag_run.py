@@ -42,7 +42,10 @@ with DAG("healthimaging_classes", schedule=None):
         timeout=120,
     )
     search = SearchImageSetsOperator(
-        task_id="search", datastore_id=DATASTORE_ID, import_job_id="{{ ti.xcom_pull(task_ids='start') }}"
+        task_id="search",
+        datastore_id=DATASTORE_ID,
+        import_job_id="{{ ti.xcom_pull(task_ids='start') }}",
+        phi_allow_tags="{{ ['DICOMSeriesInstanceUID'] | tojson }}",
     )
     start >> wait >> search
 """
@@ -94,5 +97,7 @@ def test_start_wait_search_in_dag_test(live, tmp_path) -> None:
     assert xcoms["wait.return_value"]["numberOfImportedFiles"] == 4
     summaries = xcoms["search.imageSetsMetadataSummaries"]
     assert {s["DICOMTags"]["DICOMSeriesInstanceUID"] for s in summaries} == series
-    assert all(s["DICOMTags"]["DICOMPatientId"] == "***" for s in summaries)
+    assert all(s["DICOMTags"]["DICOMPatientId"] == "" for s in summaries)  # Annex E: Z
+    assert all(s["DICOMTags"]["DICOMStudyInstanceUID"].startswith("2.25.") for s in summaries)  # U
+    assert "search.return_value" not in xcoms  # the summaries are stored once
     assert [job["jobId"] for job in live.jobs()] == [job_id]
