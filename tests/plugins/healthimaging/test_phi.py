@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from typing import Any
 
 import botocore.session
@@ -333,7 +329,7 @@ def _canary_files() -> list[tuple[str, bytes]]:
 
 
 @pytest.mark.slow
-def test_canary_patient_id_in_criteria_never_stored_shown_or_logged(live, tmp_path) -> None:
+def test_canary_patient_id_in_criteria_never_stored_shown_or_logged(live, tmp_path, kit) -> None:
     import time
 
     for key, body in _canary_files():
@@ -341,40 +337,30 @@ def test_canary_patient_id_in_criteria_never_stored_shown_or_logged(live, tmp_pa
     job_id = live.start_job("phi")
     while live.jobs()[0]["jobStatus"] not in ("COMPLETED", "FAILED"):
         time.sleep(0.3)
-    (tmp_path / "dags").mkdir()
-    (tmp_path / "dags" / "phi_criteria.py").write_text(textwrap.dedent(DAG_FILE))
-    home = tmp_path / "airflow"
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "AWS_"))} | {
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(tmp_path / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW_CONN_AWS_DEFAULT": os.environ["AIRFLOW_CONN_AWS_DEFAULT"],
-        "TEST_DATASTORE_ID": live.datastore_id,
-        "TEST_JOB_ID": job_id,
-        "TEST_CANARY": CANARY_PATIENT_ID,
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER], env=env, capture_output=True, text=True, timeout=300, check=False
+    result, output = kit.run_dag_test(
+        tmp_path,
+        DAG_FILE,
+        RUNNER,
+        TEST_DATASTORE_ID=live.datastore_id,
+        TEST_JOB_ID=job_id,
+        TEST_CANARY=CANARY_PATIENT_ID,
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(lines[-1].removeprefix("RESULT "))
-    assert result["state"] == "success", done.stdout[-3000:]
     # The criteria were really used: the search by the canary found both series of the import.
     assert len(result["xcoms"]["search_job.imageSetIds"]) == 2
     assert len(result["xcoms"]["search_store.imageSetIds"]) == 2
-    assert "Found 2 image set(s)" in done.stdout + done.stderr  # the task logs are in the output
+    assert "Found 2 image set(s)" in output  # the task logs are in the output
     # The rendered field Airflow stores (and the UI/REST API show) keeps the structure, not the value.
     for task_id in ("search_job", "search_store"):
         assert result["rendered"][task_id]["search_criteria"] == {
             "filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": REDACTED}]}]
         }
+    home = tmp_path / "airflow"
     logs = "".join(p.read_text(errors="replace") for p in (home / "logs").rglob("*") if p.is_file())
     places = {
         "rendered fields": json.dumps(result["rendered"]),
         "task instances": json.dumps(result["tis"]),
         "XCom": json.dumps(result["xcoms"]),
-        "output (task logs)": done.stdout + done.stderr,
+        "output (task logs)": output,
         "AIRFLOW_HOME/logs": logs,
     }
     for where, text in places.items():
