@@ -412,6 +412,10 @@ def test_search_all_pages(stubber, kit, context) -> None:
             "exactly one key",
         ),
         ({"import_job_id": "NOT VALID"}, "job_id"),
+        ({"phi_allow_tags": ["PatientName"]}, "phi_allow_tags names unknown DICOMTags member"),
+        ({"phi_allow_tags": "[DICOMStudyDate"}, "phi_allow_tags is not a JSON list"),
+        ({"max_image_set_lookups": "many"}, "max_image_set_lookups"),
+        ({"max_image_set_lookups": -1}, "max_image_set_lookups"),
     ],
 )
 def test_search_validation_before_any_call(stubber, kit, context, kwargs, message) -> None:
@@ -489,14 +493,20 @@ def test_search_import_job_with_criteria_keeps_the_jobs_matching_image_sets(
 
 
 def test_templated_include_phi_and_max_failed_files(kit, context) -> None:
-    search = _search(kit, include_phi="{{ params.phi }}")
+    search = _search(
+        kit,
+        include_phi="{{ params.phi }}",
+        phi_allow_tags="{{ params.allow | tojson }}",
+        max_image_set_lookups="{{ params.lookups }}",
+    )
     start = _operator(kit, max_failed_files="{{ params.max_failed }}")
     assert "include_phi" in search.template_fields
     assert "max_failed_files" in start.template_fields
-    context["params"] = {"phi": True, "max_failed": 2}
+    context["params"] = {"phi": True, "max_failed": 2, "allow": ["DICOMStudyDate"], "lookups": 7}
     search.render_template_fields(context, jinja_env=jinja2.Environment())
     start.render_template_fields(context, jinja_env=jinja2.Environment())
     assert (search.include_phi, start.max_failed_files) == ("True", "2")
+    assert (search.phi_allow_tags, search.max_image_set_lookups) == ('["DICOMStudyDate"]', "7")
 
 
 def test_aws_arguments_come_from_default_args_and_build_the_hook(kit) -> None:
