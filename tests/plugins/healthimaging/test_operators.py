@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from unittest import mock
 
 import jinja2
@@ -769,3 +770,41 @@ def test_search_import_job_returns_exactly_its_series(live, kit) -> None:
     assert any(
         s["DICOMTags"]["DICOMPatientId"].startswith("SYN") for s in everything["imageSetsMetadataSummaries"]
     )
+
+
+@pytest.mark.slow
+def test_search_import_job_reads_changed_image_sets_one_by_one_with_the_same_summaries(live, kit) -> None:
+    """An image set updated again by a later import is outside the first job's window: it is read with
+    GetImageSet and GetImageSetMetadata, and its summary equals the one SearchImageSets gives."""
+    import time
+
+    from healthimaging.sensors import DICOMImportJobSensor
+
+    def imported(run_id: str) -> str:
+        job_id = _live_operator(live).execute(kit.make_context(run_id=run_id))
+        sensor = DICOMImportJobSensor(
+            task_id="w", datastore_id=live.datastore_id, job_id=job_id, deferrable=False
+        )
+        while not sensor.poke(kit.make_context()):
+            time.sleep(0.5)
+        return job_id
+
+    live.upload("study", series_per_study=2, seed=5)
+    first = imported("first")
+    time.sleep(2)
+    second = imported("second")  # the same files again: the same image sets, updated after the first job
+
+    def search(job_id: str, **kwargs: Any) -> dict:
+        op = SearchImageSetsOperator(
+            task_id="search", datastore_id=live.datastore_id, import_job_id=job_id, include_phi=True, **kwargs
+        )
+        op.job_window_skew = 0.5
+        return _run(op, kit.make_context(task_id="search"))
+
+    searched = search(second)
+    looked_up = search(first)
+    assert looked_up["imageSetIds"] == searched["imageSetIds"]
+    assert len(looked_up["imageSetIds"]) == 2
+    assert looked_up["imageSetsMetadataSummaries"] == searched["imageSetsMetadataSummaries"]
+    with pytest.raises(AirflowException, match="max_image_set_lookups=1"):
+        search(first, max_image_set_lookups=1)
