@@ -52,6 +52,7 @@ CHUNK_KEYS = (
     "max_failed_files",
     "max_results",
     "include_phi",
+    "phi_allow_tags",
 )
 log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
@@ -237,6 +238,7 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "max_failed_files": chunk.get("max_failed_files"),
                 "max_results": chunk["max_results"],
                 "include_phi": chunk["include_phi"],
+                "phi_allow_tags": chunk.get("phi_allow_tags") or [],
             }
         )
         chunk["job_id"] = job_id
@@ -293,6 +295,7 @@ def import_dicom(
     max_failed_files: int | None,
     max_results: int,
     include_phi: bool,
+    phi_allow_tags: list[str],
 ) -> None:
     """One import job: wait for it (deferred), then find exactly its image sets."""
     # [START howto_sensor_dicom_import_job]
@@ -319,6 +322,7 @@ def import_dicom(
         all_pages=True,
         import_job_id=job_id,
         include_phi=include_phi,
+        phi_allow_tags=phi_allow_tags,
         execution_timeout=timedelta(minutes=30),
         map_index_template="{{ task.import_job_id }}",
     )

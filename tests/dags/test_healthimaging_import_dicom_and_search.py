@@ -244,7 +244,9 @@ def test_end_to_end_workflow_outputs_in_xcom(
         assert outputs["firstImageSetId"] == ids[0]
         assert [s["imageSetId"] for s in outputs["imageSetsMetadataSummaries"]] == ids
         for summary in outputs["imageSetsMetadataSummaries"]:  # include_phi defaults to False
-            assert summary.get("DICOMTags", {}).get("DICOMPatientName") in (None, "***")
+            assert summary.get("DICOMTags", {}).get("DICOMPatientName") in (None, "")
+        # the summaries are written once: under the workflow's name, not again in return_value (issue 12)
+        assert ("import_dicom.search_image_sets", map_index, "return_value") not in xcoms
         assert not seen & set(ids)
         seen |= set(ids)
 
