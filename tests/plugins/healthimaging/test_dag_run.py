@@ -29,7 +29,7 @@ with DAG("healthimaging_classes", schedule=None):
     wait = DICOMImportJobSensor(
         task_id="wait",
         datastore_id=DATASTORE_ID,
-        job_id="{{ ti.xcom_pull(task_ids='start', key='jobId') }}",
+        job_id="{{ ti.xcom_pull(task_ids='start') }}",
         mode="reschedule",
         deferrable=False,
         poke_interval=1,
@@ -67,8 +67,8 @@ def test_start_wait_search_in_dag_test(live, tmp_path, kit) -> None:
     result, _ = kit.run_dag_test(tmp_path, DAG_FILE, RUNNER, TEST_DATASTORE_ID=live.datastore_id)
     xcoms = result["xcoms"]
     job_id = xcoms["start.return_value"]
-    assert xcoms["start.jobId"] == job_id
-    assert xcoms["start.datastoreId"] == live.datastore_id
+    assert xcoms["start.jobStatus"] == "SUBMITTED"
+    assert "start.jobId" not in xcoms  # the job id once, as return_value
     assert xcoms["start._link_HealthImagingImportJobLink"].endswith(
         f"/data-stores/{live.datastore_id}/import-jobs/{job_id}"
     )
