@@ -67,7 +67,6 @@ Each value is checked against the same pattern as the API, wherever it came from
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +78,7 @@ from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, XComArg
 from airflow.sdk.definitions.decorators import task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from healthimaging import config
 from healthimaging.operators import SearchImageSetsOperator, StartDICOMImportOperator
 from healthimaging.sensors import DICOMImportJobSensor
 
@@ -97,13 +97,13 @@ VAR_DATA_ACCESS_ROLE_ARN = "healthimaging_data_access_role_arn"
 VAR_INPUT_S3_URI_TEMPLATE = "healthimaging_input_s3_uri_template"
 VAR_OUTPUT_S3_URI = "healthimaging_output_s3_uri"
 
-#: Pool for jobs in flight; a parse-time setting, so it comes from the environment, not from a Variable.
-IMPORT_POOL = os.environ.get("HEALTHIMAGING_IMPORT_POOL", "default_pool")
+#: Pool for jobs in flight; a parse-time setting, so it comes from Airflow's config, not from a Variable.
+IMPORT_POOL = config.import_pool()
 MAX_IMPORTS_IN_FLIGHT = 90
 #: Seconds between GetDICOMImportJob polls (parse time; lower it for the local endpoint).
-POKE_INTERVAL = float(os.environ.get("HEALTHIMAGING_POKE_INTERVAL", "30"))
-# Parallel runs (nightly, backfill, manual); environment, read at parse time like the pool.
-MAX_ACTIVE_RUNS = int(os.environ.get("HEALTHIMAGING_MAX_ACTIVE_RUNS", "8"))
+POKE_INTERVAL = config.poll_interval()
+# Parallel runs (nightly, backfill, manual); Airflow's config, read at parse time like the pool.
+MAX_ACTIVE_RUNS = config.max_active_runs()
 MAX_PREFIXES_PER_RUN = 1000
 IMPORT_TIMEOUT = timedelta(hours=12)
 

@@ -21,6 +21,7 @@ from airflow.triggers.base import TaskSuccessEvent, TriggerEvent
 from botocore.exceptions import ClientError, HTTPClientError, WaiterError
 from botocore.exceptions import ConnectionError as BotocoreConnectionError
 
+from healthimaging import config
 from healthimaging.hooks import IMPORT_JOB_WAITER, HealthImagingHook, import_job_states
 
 if TYPE_CHECKING:
@@ -133,10 +134,8 @@ class PollRateLimiter:
 
 @cache
 def triggerer_poll_rate() -> PollRateLimiter:
-    """GetDICOMImportJob calls per second of this triggerer process (the service allows 25 per account)."""
-    import os
-
-    return PollRateLimiter(float(os.environ.get("HEALTHIMAGING_TRIGGERER_MAX_POLLS_PER_SECOND", "20")))
+    """The limiter of this triggerer process, at ``[healthimaging] triggerer_max_polls_per_second`` (first use)."""
+    return PollRateLimiter(config.triggerer_max_polls_per_second())
 
 
 class AsyncTransientTolerantWaiter(TransientTolerantWaiter):

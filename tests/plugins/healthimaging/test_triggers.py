@@ -415,3 +415,12 @@ async def test_end_from_trigger_pushes_nothing_without_do_xcom_push(live) -> Non
     assert isinstance(event, TaskSuccessEvent)
     assert event.xcoms is None
 
+
+def test_triggerer_poll_rate_comes_from_the_config_at_first_use(monkeypatch) -> None:
+    triggers.triggerer_poll_rate.cache_clear()
+    monkeypatch.setenv("AIRFLOW__HEALTHIMAGING__TRIGGERER_MAX_POLLS_PER_SECOND", "5")
+    try:
+        assert triggers.triggerer_poll_rate().rate == 5.0
+        assert triggers.triggerer_poll_rate() is triggers.triggerer_poll_rate()  # one per triggerer process
+    finally:
+        triggers.triggerer_poll_rate.cache_clear()
