@@ -23,6 +23,18 @@ def test_hook_is_thin() -> None:
     assert HealthImagingHook(aws_conn_id=None).client_type == "medical-imaging"
 
 
+def test_hook_keeps_no_state_of_its_own() -> None:
+    """Issue 14: no settings passed through hook attributes; the hook holds what AwsBaseHook holds."""
+    own = {
+        name
+        for name, value in vars(HealthImagingHook).items()
+        if not callable(value) and not name.startswith("__")
+    }
+    assert own <= {"waiter_path", "s3_hook"}  # cached properties
+    base = AwsBaseHook(aws_conn_id=None, client_type="medical-imaging")
+    assert set(vars(HealthImagingHook(aws_conn_id=None))) == set(vars(base))
+
+
 def test_waiter_path_is_the_package_json() -> None:
     hook = HealthImagingHook(aws_conn_id=None)
     import healthimaging
