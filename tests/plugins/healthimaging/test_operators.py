@@ -1065,3 +1065,38 @@ def test_search_import_job_reads_changed_image_sets_one_by_one_with_the_same_sum
     assert looked_up["imageSetsMetadataSummaries"] == searched["imageSetsMetadataSummaries"]
     with pytest.raises(AirflowException, match="max_image_set_lookups=1"):
         search(first, max_image_set_lookups=1)
+
+
+def test_sync_wait_without_manifest_fails_as_the_sensor_does(stubber, s3, kit, context) -> None:
+    """Issue 13: one max_failed_files rule; a manifest that never appears fails the wait (it no longer only warns)."""
+    op = _operator(kit, wait_for_completion=True, max_failed_files=0)
+    _expect_start(stubber, kit, context)
+    _expect_job(stubber, kit, "COMPLETED", "COMPLETED")
+    with (
+        mock.patch("healthimaging.hooks.time.sleep"),
+        pytest.raises(AirflowException, match="job-output-manifest.json was not found") as raised,
+    ):
+        op.execute(context)
+    assert f"DICOM import job {kit.JOB_ID} is COMPLETED" in str(raised.value)
+
+
+@pytest.mark.slow
+def test_missing_manifest_is_one_rule_for_operator_and_sensor(live, kit) -> None:
+    from healthimaging.sensors import DICOMImportJobSensor
+
+    live.upload("study")
+    op = _live_operator(live, wait_for_completion=True, waiter_delay=1, waiter_max_attempts=30)
+    job_id = op.execute(kit.make_context())
+    job = live.medical_imaging.get_dicom_import_job(datastoreId=live.datastore_id, jobId=job_id)[
+        "jobProperties"
+    ]
+    folder = job["outputS3Uri"].removeprefix("s3://output/").rstrip("/")
+    live.s3.delete_object(Bucket="output", Key=f"{folder}/job-output-manifest.json")
+    sensor = DICOMImportJobSensor(task_id="wait", datastore_id=live.datastore_id, job_id=job_id)
+    sensor.manifest_delay = 0
+    with mock.patch("healthimaging.hooks.time.sleep"):
+        with pytest.raises(AirflowException, match="was not found") as from_operator:
+            op._check_completed(job_id)
+        with pytest.raises(AirflowException, match="was not found") as from_sensor:
+            sensor.execute_complete(kit.make_context(), {"status": "success", "job_id": job_id})
+    assert str(from_operator.value) == str(from_sensor.value)
