@@ -16,7 +16,7 @@ from airflow.sdk.definitions.decorators import task, task_group
 from airflow.sdk.exceptions import AirflowSkipException
 
 from healthimaging.operators import SearchImageSetsOperator, StartDICOMImportOperator
-from healthimaging.params import PARAMS, resolve_run_imports
+from healthimaging.params import build_params, resolve_run_imports
 from healthimaging.sensors import DICOMImportJobSensor
 
 DAG_ID = "healthimaging_import_dicom_and_search"
@@ -144,7 +144,7 @@ with DAG(
     catchup=False,
     max_active_runs=MAX_ACTIVE_RUNS,
     dagrun_timeout=timedelta(hours=24),
-    params=PARAMS,
+    params=build_params(),
     tags=["healthimaging", "dicom", "medical-imaging", "import"],
     default_args={
         "owner": "data-engineering",
