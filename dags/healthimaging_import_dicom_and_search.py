@@ -16,7 +16,7 @@ from airflow.sdk.definitions.decorators import task
 from healthimaging import config
 from healthimaging.assets import IMAGE_SETS, IMAGE_SETS_ASSET_NAME  # noqa: F401 (the asset this DAG updates)
 from healthimaging.import_tasks import compose_imports
-from healthimaging.params import PARAMS, resolve_run_imports
+from healthimaging.params import build_params, resolve_run_imports
 
 DAG_ID = "healthimaging_import_dicom_and_search"
 
@@ -41,7 +41,7 @@ with DAG(
     catchup=False,
     max_active_runs=MAX_ACTIVE_RUNS,
     dagrun_timeout=timedelta(hours=24),
-    params=PARAMS,
+    params=build_params(),
     tags=["healthimaging", "dicom", "medical-imaging", "import"],
     default_args={
         "owner": "data-engineering",
