@@ -14,6 +14,7 @@ Per run:
 | `group_study_folders` | reads the SQS messages of the run's triggering asset events, takes the created keys (S3 records, EventBridge events, SNS-wrapped ones; `s3:TestEvent` is skipped), groups them into study folders (`healthimaging.arrivals`) and skips the run when there are none |
 | `settle.wait_until_settled` | one per folder: `S3KeysUnchangedSensor` (deferrable, in the triggerer; no worker slot) until the folder has had no new object for the settle period |
 | `settle.settled_import_spec` | the import spec of the settled folder |
+| `settled_folders` | the specs of every folder that settled, as one list |
 | import tasks | the shared import pipeline: plan each folder, start its jobs with a client token derived from the planned content (keys and ETags), wait, search |
 
 Arrivals that keep coming while a folder settles start more runs; each waits for the same folder to settle and
@@ -125,7 +126,7 @@ def group_study_folders(
     ]
 
 
-@task(task_id="settled_import_spec", execution_timeout=timedelta(minutes=5))
+@task(task_id="settled_import_spec", multiple_outputs=False, execution_timeout=timedelta(minutes=5))
 def settled_import_spec(bucket_name: str, prefix: str) -> dict[str, Any]:
     """The import spec of a folder that has settled."""
     return dict(_settings().import_spec(bucket_name, prefix))
@@ -151,15 +152,31 @@ def settle(bucket_name: str, prefix: str, inactivity_period: float) -> Any:
     return spec
 
 
-# --- TEMPORARY: delete on merging main, replace by ``compose_imports(specs)`` from healthimaging.import_tasks ---
 @task(
-    task_id="import_settled_folders_TEMPORARY",
-    trigger_rule="all_done",
+    task_id="settled_folders",
+    trigger_rule="none_failed_min_one_success",
     execution_timeout=timedelta(minutes=5),
 )
+def settled_folders(specs: Any) -> list[dict[str, Any]]:
+    """
+    The import specs of the folders that settled, as one list.
+
+    The spec task sits in a mapped task group, so Airflow hands over one dict when the group ran once and a
+    sequence otherwise.
+    """
+    from collections.abc import Mapping
+
+    items = [specs] if isinstance(specs, Mapping) else list(specs or [])
+    if not items:
+        raise AirflowSkipException("No study folder settled: nothing to import.")
+    return [dict(item) for item in items]
+
+
+# --- TEMPORARY: delete on merging main, replace by ``compose_imports(specs)`` from healthimaging.import_tasks ---
+@task(task_id="import_settled_folders_TEMPORARY", execution_timeout=timedelta(minutes=5))
 def import_settled_folders_temporary(specs: Any) -> list[dict[str, Any]]:
     """TEMPORARY stand-in for ``compose_imports``: returns the specs it would import (imports nothing)."""
-    return [dict(s) for s in specs or []]
+    return list(specs)
 
 
 # --- end TEMPORARY ---
@@ -184,5 +201,5 @@ with DAG(
         "execution_timeout": timedelta(minutes=30),
     },
 ) as dag:
-    specs = settle.expand_kwargs(group_study_folders())
+    specs = settled_folders(settle.expand_kwargs(group_study_folders()))
     import_settled_folders_temporary(specs)
