@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from time import sleep
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, conf
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from healthimaging.base import HealthImagingAwsMixin, aws_template_fields
 from healthimaging.links import HealthImagingDatastoreLink, HealthImagingImportJobLink
@@ -22,31 +23,79 @@ from healthimaging.validation import (
     coerce_optional_count,
     member_constraints,
     parse_search_criteria,
-    split_s3_uri,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
     from airflow.sdk import Context
 
-# Per-job quotas of StartDICOMImportJob (AWS general reference, HealthImaging quotas).
-MAX_FILES_PER_JOB = 5_000
-MAX_BYTES_PER_JOB = 10 * 1024**3
-MAX_FOLDERS_PER_JOB = 10_000
 START_RETRY_CODES = frozenset({"ServiceQuotaExceededException", "ThrottlingException"})
-PHI_TAGS = ("DICOMPatientName", "DICOMPatientId", "DICOMPatientBirthDate", "DICOMAccessionNumber")
-PHI_MASK = "***"
+#: Errors a retry cannot fix: the task fails at once instead of retrying for minutes.
+START_FATAL_CODES = frozenset(
+    {"ValidationException", "ResourceNotFoundException", "ConflictException", "AccessDeniedException"}
+)
+#: Version of the client-token derivation; changing how tokens are derived must change it.
+TOKEN_SCHEME = "healthimaging-token/2"
+#: The most FAILED jobs one input walks past (each FAILED job moves the input to the next token).
+MAX_TOKEN_CHAIN = 20
+#: task_state_store key of the job a task instance started (survives retries and clears of the same run).
+STATE_KEY = "healthimaging_import_job"
 
 
-def default_client_token(dag_id: str, run_id: str, task_id: str, map_index: int | None) -> str:
+def request_digest(request: Mapping[str, Any]) -> str:
+    """sha256 of a StartDICOMImportJob request without its client token (canonical JSON).
+
+    :param request: the request's members
     """
-    Idempotency token for one task instance (not one try), so a retried or cleared task re-attaches.
+    canonical = {k: v for k, v in request.items() if k != "clientToken" and v is not None}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
+
+def task_instance_scope(dag_id: str, run_id: str, task_id: str, map_index: int | None) -> str:
+    """The scope of a token that belongs to one task instance (not one try).
+
+    :return: ``ti:`` and the task instance's ids
+    """
+    return "ti:" + "\x1f".join((dag_id, run_id, task_id, str(-1 if map_index is None else map_index)))
+
+
+def default_client_token(request: Mapping[str, Any], scope: str) -> str:
+    """Idempotency token of one request in one scope: the same request in the same scope gets the same job.
+
+    The scope is either a task instance (:func:`task_instance_scope`), so that a retried or cleared task
+    re-attaches, or the content of the input (``content:<digest>``), so that every run that imports the same
+    objects into the same data store attaches to one job. Any change to the request gives another token, so
+    changed parameters start a new job instead of a ConflictException.
+
+    :param request: the request's members (``clientToken`` ignored)
+    :param scope: what the token is unique to
     :return: 64 lowercase hex characters (sha256), which fit the model's ``[A-Za-z0-9._-]{1,64}``
     """
-    key = "\x1f".join((dag_id, run_id, task_id, str(-1 if map_index is None else map_index)))
+    key = "\x1f".join((TOKEN_SCHEME, scope, request_digest(request)))
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def next_client_token(token: str, failed_job_id: str) -> str:
+    """The token to use after the job started with ``token`` FAILED (deterministic, so retries agree).
+
+    :param token: the token of the FAILED job
+    :param failed_job_id: that job's id
+    """
+    return hashlib.sha256(f"{TOKEN_SCHEME}\x1fnext\x1f{token}\x1f{failed_job_id}".encode()).hexdigest()
+
+
+def sanitize_job_name(name: str) -> str:
+    """Fit a name to the model's jobName pattern and length (a hash suffix keeps shortened names apart).
+
+    :param name: the wanted name
+    """
+    name = re.sub(r"[^A-Za-z0-9._/#-]", "-", name)
+    limit = int(member_constraints("job_name")["max"])
+    if len(name) > limit:
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+        name = f"{name[: limit - 9]}-{digest}"
+    return name
 
 
 def default_job_name(dag_id: str, run_id: str, map_index: int | None = None) -> str:
@@ -55,13 +104,9 @@ def default_job_name(dag_id: str, run_id: str, map_index: int | None = None) -> 
 
     :return: ``<dag_id>.<run_id>[.<map_index>]``, shortened with a hash suffix when too long
     """
-    name = f"{dag_id}.{run_id}" + ("" if map_index is None or map_index < 0 else f".{map_index}")
-    name = re.sub(r"[^A-Za-z0-9._/#-]", "-", name)
-    limit = int(member_constraints("job_name")["max"])
-    if len(name) > limit:
-        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
-        name = f"{name[: limit - 9]}-{digest}"
-    return name
+    return sanitize_job_name(
+        f"{dag_id}.{run_id}" + ("" if map_index is None or map_index < 0 else f".{map_index}")
+    )
 
 
 def _map_index(context: Context) -> int | None:
@@ -73,22 +118,30 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
     """
     Start a DICOM import job from S3 into a HealthImaging data store; return its job id.
 
-    The default ``client_token`` is derived from (dag_id, run_id, task_id, map_index), so a retried or
-    cleared task gets the job it already started instead of importing twice. Inputs are checked against
-    the API's patterns before any AWS call. Pushes XCom keys ``jobId``, ``jobStatus``, ``submittedAt``
-    and ``datastoreId``; ``return_value`` is the job id.
+    Exactly once, with Airflow's own recovery verbs: the default ``client_token`` is a hash of the request and of
+    its scope, the task instance or (with ``content_digest``) the content of the input. A retried or cleared task,
+    or a backfill that reprocesses the run, re-attaches to the job that is SUBMITTED, IN_PROGRESS or COMPLETED.
+    After the job FAILED, the next start uses the next token of a chain (:func:`next_client_token`) and starts a
+    new job. Changed parameters give another token, so they start a new job. The job started is also kept in
+    Airflow's ``task_state_store``, so a retry re-attaches without calling StartDICOMImportJob again.
 
-    Built on ``airflow.sdk.BaseOperator`` with :class:`~healthimaging.base.HealthImagingAwsMixin` rather than
-    the Amazon provider's internal ``AwsBaseOperator``, whose module imports boto3 and botocore: a DAG file
-    using this operator would pay for them at every parse. The interface (AWS arguments, ``hook``,
-    templated AWS fields) is the same; boto3 is imported when the task runs.
+    Starts are paced across all runs (``[healthimaging] start_rate`` and ``max_imports_in_flight``, see
+    :mod:`healthimaging.pacing`): while the data store is full or the last start is too recent, the task defers.
+
+    Inputs are checked against the API's patterns before any AWS call; errors a retry cannot fix fail the task
+    at once. ``return_value`` is the job id; XCom key ``jobStatus`` holds the status StartDICOMImportJob returned.
 
     :param datastore_id: the data store id (templated)
     :param data_access_role_arn: IAM role the service assumes to read input and write output (templated)
     :param input_s3_uri: S3 prefix of the DICOM P10 files (templated)
     :param output_s3_uri: S3 prefix for the job's output folder; must lie outside the input (templated)
-    :param job_name: job name; defaults to ``<dag_id>.<run_id>`` sanitized (templated)
-    :param client_token: idempotency token; defaults to a hash of the task instance (templated)
+    :param job_name: job name; defaults to ``<dag_id>.<run_id>[.<map_index>]``, or ``<dag_id>.<digest>`` with
+        ``content_digest`` (templated)
+    :param client_token: idempotency token, used as given (no chain after a FAILED job); default derived as
+        above (templated)
+    :param content_digest: digest of the input's objects (keys, ETags, sizes; the planner's chunk digest): scope
+        the token to the content instead of the task instance, so that any run importing the same objects
+        attaches to one job (templated)
     :param input_owner_account_id: account id owning the input bucket, when not the caller's
     :param wait_for_completion: wait for the job to end in the worker
     :param waiter_delay: seconds between polls
@@ -96,9 +149,8 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
     :param deferrable: wait in the triggerer (needs aiobotocore)
     :param max_failed_files: when waiting, fail a COMPLETED job with more failed files; None only warns
         (templated; a rendered string such as ``"3"`` or ``"None"`` is parsed)
-    :param check_input_quota: count objects and bytes under the input prefix first and refuse a prefix
-        above the per-job quotas (5,000 files, 10 GB)
     :param start_retries: retries of StartDICOMImportJob on throttling or ServiceQuotaExceeded
+    :param pace_starts: keep the ``[healthimaging]`` start pace (defer while the data store is full)
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates
@@ -112,6 +164,7 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         "output_s3_uri",
         "job_name",
         "client_token",
+        "content_digest",
         "max_failed_files",
     )
     operator_extra_links = (HealthImagingDatastoreLink(), HealthImagingImportJobLink())
@@ -129,14 +182,15 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         output_s3_uri: str,
         job_name: str | None = None,
         client_token: str | None = None,
+        content_digest: str | None = None,
         input_owner_account_id: str | None = None,
         wait_for_completion: bool = False,
         waiter_delay: int = 30,
         waiter_max_attempts: int = 120,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         max_failed_files: int | None = None,
-        check_input_quota: bool = False,
         start_retries: int = 8,
+        pace_starts: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -146,55 +200,140 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         self.output_s3_uri = output_s3_uri
         self.job_name = job_name
         self.client_token = client_token
+        self.content_digest = content_digest
         self.input_owner_account_id = input_owner_account_id
         self.wait_for_completion = wait_for_completion
         self.waiter_delay = waiter_delay
         self.waiter_max_attempts = waiter_max_attempts
         self.deferrable = deferrable
         self.max_failed_files = max_failed_files
-        self.check_input_quota = check_input_quota
         self.start_retries = start_retries
+        self.pace_starts = pace_starts
 
-    def execute(self, context: Context) -> str:
-        from healthimaging.hooks import to_iso
-
+    def _request(self, context: Context) -> dict[str, Any]:
+        """The request without its client token, checked against the model before any AWS call."""
         ti = context["ti"]
-        map_index = _map_index(context)
-        client_token = self.client_token or default_client_token(
-            ti.dag_id, context["run_id"], ti.task_id, map_index
-        )
-        job_name = self.job_name or default_job_name(ti.dag_id, context["run_id"], map_index)
-        check_import_parameters(
-            datastore_id=self.datastore_id,
-            data_access_role_arn=self.data_access_role_arn,
-            input_s3_uri=self.input_s3_uri,
-            output_s3_uri=self.output_s3_uri,
-            job_name=job_name,
-            client_token=client_token,
-            input_owner_account_id=self.input_owner_account_id,
-        )
-        coerce_optional_count("max_failed_files", self.max_failed_files)
-        if self.check_input_quota:
-            self._check_input_quota()
-
+        if self.content_digest and not re.fullmatch(r"[0-9a-f]{16,64}", str(self.content_digest)):
+            raise AirflowFailException("content_digest must be 16 to 64 lowercase hex characters")
+        if self.job_name:
+            job_name = self.job_name
+        elif self.content_digest:
+            job_name = sanitize_job_name(f"{ti.dag_id}.{str(self.content_digest)[:16]}")
+        else:
+            job_name = default_job_name(ti.dag_id, context["run_id"], _map_index(context))
         request: dict[str, Any] = {
             "jobName": job_name,
             "dataAccessRoleArn": self.data_access_role_arn,
-            "clientToken": client_token,
             "datastoreId": self.datastore_id,
             "inputS3Uri": self.input_s3_uri,
             "outputS3Uri": self.output_s3_uri,
         }
         if self.input_owner_account_id:
             request["inputOwnerAccountId"] = self.input_owner_account_id
-        response = self._start_with_retries(request)
-        job_id = response["jobId"]
-        self.log.info("DICOM import job %s is %s (job name %s)", job_id, response["jobStatus"], job_name)
+        try:
+            check_import_parameters(
+                datastore_id=self.datastore_id,
+                data_access_role_arn=self.data_access_role_arn,
+                input_s3_uri=self.input_s3_uri,
+                output_s3_uri=self.output_s3_uri,
+                job_name=job_name,
+                client_token=self.client_token or "0" * 64,
+                input_owner_account_id=self.input_owner_account_id,
+            )
+            coerce_optional_count("max_failed_files", self.max_failed_files)
+        except ValueError as error:
+            raise AirflowFailException(str(error)) from None
+        return request
 
-        ti.xcom_push(key="jobId", value=job_id)
-        ti.xcom_push(key="jobStatus", value=response["jobStatus"])
-        ti.xcom_push(key="submittedAt", value=to_iso(response.get("submittedAt")))
-        ti.xcom_push(key="datastoreId", value=self.datastore_id)
+    def _token(self, context: Context, request: Mapping[str, Any]) -> str:
+        if self.client_token:
+            return str(self.client_token)
+        if self.content_digest:
+            return default_client_token(request, f"content:{self.content_digest}")
+        ti = context["ti"]
+        scope = task_instance_scope(ti.dag_id, context["run_id"], ti.task_id, _map_index(context))
+        return default_client_token(request, scope)
+
+    def execute(self, context: Context) -> str:
+        job_id, status = self.start_job(context, before_start=self._keep_pace if self.pace_starts else None)
+        return self._started(context, job_id, status)
+
+    def start_job(
+        self,
+        context: Context,
+        *,
+        state_key: str = STATE_KEY,
+        before_start: Callable[[], None] | None = None,
+    ) -> tuple[str, str]:
+        """Start this operator's job, or re-attach to it; no waiting, no XCom.
+
+        :param context: the running task's context (its ``task_state_store`` keeps the job across tries)
+        :param state_key: the ``task_state_store`` key of this job (one per job when a task starts several)
+        :param before_start: called before each StartDICOMImportJob call (to keep a pace)
+        :return: the job id and its status
+        """
+        from healthimaging.hooks import import_job_states
+
+        request = self._request(context)
+        digest = request_digest(request)
+        token = self._token(context, request)
+        failure = import_job_states()["failure"]
+        store = context.get("task_state_store")
+        stored = store.get(state_key) if store is not None else None
+        if isinstance(stored, dict) and stored.get("request") == digest and stored.get("jobId"):
+            stored_job, stored_token = str(stored["jobId"]), str(stored["clientToken"])
+            job = self.hook.get_import_job(self.datastore_id, stored_job)
+            if job["jobStatus"] not in failure:
+                self.log.info("Re-attaching to DICOM import job %s (%s)", stored_job, job["jobStatus"])
+                return stored_job, str(job["jobStatus"])
+            token = self._after_failed(stored_token, stored_job)
+
+        for _ in range(MAX_TOKEN_CHAIN):
+            if before_start is not None:
+                before_start()
+            response = self._start_with_retries({**request, "clientToken": token})
+            if response["jobStatus"] not in failure:
+                break
+            token = self._after_failed(token, response["jobId"])
+        else:
+            raise AirflowFailException(
+                f"{MAX_TOKEN_CHAIN} import jobs of {self.input_s3_uri} FAILED; fix the cause, then pass a new "
+                "client_token"
+            )
+        job_id = str(response["jobId"])
+        if store is not None:
+            store.set(state_key, {"jobId": job_id, "clientToken": token, "request": digest})
+        self.log.info(
+            "DICOM import job %s is %s (job name %s)", job_id, response["jobStatus"], request["jobName"]
+        )
+        return job_id, str(response["jobStatus"])
+
+    def _after_failed(self, token: str, job_id: str) -> str:
+        if self.client_token:
+            raise AirflowFailException(
+                f"DICOM import job {job_id} of client_token {token} FAILED: pass a new client_token to import again"
+            )
+        self.log.warning("DICOM import job %s of this input FAILED earlier: starting a new job", job_id)
+        return next_client_token(token, job_id)
+
+    def _keep_pace(self) -> None:
+        from healthimaging.pacing import StartPace, seconds_until_start
+
+        wait = seconds_until_start(self.hook.conn, self.datastore_id, StartPace.from_config())
+        if wait > 0:
+            from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+
+            self.log.info(
+                "Data store %s is at its start pace: waiting %.0f s (deferred)", self.datastore_id, wait
+            )
+            self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=wait)), method_name="resume_start")
+
+    def resume_start(self, context: Context, event: Any = None) -> str:
+        """Ask the pace again after waiting for it (the deferral's ``method_name``)."""
+        return self.execute(context)
+
+    def _started(self, context: Context, job_id: str, status: str) -> str:
+        context["ti"].xcom_push(key="jobStatus", value=status)
         link_args: dict[str, Any] = {
             "context": context,
             "operator": self,
@@ -249,40 +388,11 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
                     )
                     sleep(pause)
                     continue
-                raise AirflowException(
-                    f"StartDICOMImportJob into data store {self.datastore_id} failed: {code}: {message}"
-                ) from error
+                failure = f"StartDICOMImportJob into data store {self.datastore_id} failed: {code}: {message}"
+                if code in START_FATAL_CODES:
+                    raise AirflowFailException(failure) from error
+                raise AirflowException(failure) from error
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _check_input_quota(self) -> None:
-        bucket, prefix = split_s3_uri(self.input_s3_uri)
-        files = size = 0
-        folders: set[str] = set()
-        children: dict[str, list[int]] = {}
-        paginator = self.hook.s3_hook.get_conn().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                files += 1
-                size += int(item.get("Size", 0))
-                relative = item["Key"][len(prefix) :]
-                folders.add(relative.rpartition("/")[0])
-                child = relative.split("/", 1)[0] + ("/" if "/" in relative else "")
-                counts = children.setdefault(child, [0, 0])
-                counts[0] += 1
-                counts[1] += int(item.get("Size", 0))
-        self.log.info("Input %s holds %d objects, %d bytes", self.input_s3_uri, files, size)
-        if files <= MAX_FILES_PER_JOB and size <= MAX_BYTES_PER_JOB and len(folders) <= MAX_FOLDERS_PER_JOB:
-            return
-        biggest = sorted(children.items(), key=lambda kv: kv[1][0], reverse=True)[:20]
-        listing = "\n".join(
-            f"  s3://{bucket}/{prefix}{name}: {n} files, {b} bytes" for name, (n, b) in biggest
-        )
-        raise AirflowException(
-            f"input_s3_uri {self.input_s3_uri} holds {files} files, {size} bytes in {len(folders)} folders; "
-            f"one import job takes at most {MAX_FILES_PER_JOB} files, {MAX_BYTES_PER_JOB} bytes and "
-            f"{MAX_FOLDERS_PER_JOB} folders. Split it into several jobs (e.g. one per sub-prefix, with "
-            f"StartDICOMImportOperator.partial(...).expand(input_s3_uri=[...])). Largest sub-prefixes:\n{listing}"
-        )
 
     def _wait(self, job_id: str) -> None:
         from airflow.providers.amazon.aws.exceptions import WaiterTerminalFailure
@@ -338,23 +448,32 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
     """
     Search the image sets of a data store, or list exactly the image sets one import job created or updated.
 
-    Returns (and pushes as XCom keys) ``imageSetIds``, ``firstImageSetId``, ``imageSetsMetadataSummaries``
-    and ``nextToken``. Patient identifiers in ``DICOMTags`` are masked unless ``include_phi`` is True;
-    search criteria are never logged.
+    Pushes XCom keys ``imageSetIds``, ``firstImageSetId``, ``imageSetsMetadataSummaries`` and ``nextToken``, each
+    once; ``return_value`` is not pushed (it would store the summaries a second time). Unless ``include_phi``, the
+    summaries' ``DICOMTags`` follow DICOM PS3.15 Annex E's Basic Application Level Confidentiality Profile
+    (:mod:`healthimaging.phi`, ``docs/phi.md``). Search criteria are never logged, and their values are redacted
+    from the rendered field Airflow stores and shows.
 
     Built on ``airflow.sdk.BaseOperator`` with :class:`~healthimaging.base.HealthImagingAwsMixin` rather than
     the Amazon provider's internal ``AwsBaseOperator`` (whose module imports boto3 and botocore at DAG parse
     time), with the same interface.
 
     :param datastore_id: the data store id (templated)
-    :param search_criteria: SearchImageSets ``searchCriteria``, a dict or a JSON string (templated)
+    :param search_criteria: SearchImageSets ``searchCriteria``, a dict or a JSON string (templated; its values are
+        redacted in the rendered field and masked in logs)
     :param max_results: page size, 1-50 (templated)
     :param import_job_id: return the image sets of this import job (from its output manifest) instead of
         searching the whole data store; with ``search_criteria``, only those the search matches, in the
         search's order (templated)
     :param all_pages: follow ``nextToken`` to the last page (default: first page only)
-    :param include_phi: keep patient name, id, birth date and accession number in XCom (templated; a
-        rendered ``"True"``/``"False"`` is parsed strictly)
+    :param include_phi: keep every DICOM tag unchanged in XCom (templated; a rendered ``"True"``/``"False"`` is
+        parsed strictly)
+    :param phi_allow_tags: ``DICOMTags`` members kept unchanged although ``include_phi`` is False, e.g.
+        ``["DICOMStudyInstanceUID", "DICOMSeriesInstanceUID"]`` (templated: a list, a JSON list or names
+        separated by commas)
+    :param max_image_set_lookups: in ``import_job_id`` mode, the most image sets of the manifest that the job's
+        window search may miss (updated again since the job, for example) and that are read one by one with
+        GetImageSet and GetImageSetMetadata; more fails the task (templated)
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates
@@ -362,11 +481,19 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
     """
 
     template_fields: Sequence[str] = aws_template_fields(
-        "datastore_id", "search_criteria", "max_results", "import_job_id", "include_phi"
+        "datastore_id",
+        "search_criteria",
+        "max_results",
+        "import_job_id",
+        "include_phi",
+        "phi_allow_tags",
+        "max_image_set_lookups",
     )
     template_fields_renderers = {"search_criteria": "json"}
     operator_extra_links = (HealthImagingDatastoreLink(),)
     ui_color = "#66c3ff"
+    #: Seconds added on both sides of the job's submittedAt..endedAt window (clock skew between API and store).
+    job_window_skew: float = 5.0
 
     def __init__(
         self,
@@ -377,6 +504,8 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         import_job_id: str | None = None,
         all_pages: bool = False,
         include_phi: bool = False,
+        phi_allow_tags: list[str] | str | None = None,
+        max_image_set_lookups: int | str = 100,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -386,17 +515,47 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         self.import_job_id = import_job_id
         self.all_pages = all_pages
         self.include_phi = include_phi
+        self.phi_allow_tags = phi_allow_tags
+        self.max_image_set_lookups = max_image_set_lookups
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def _do_render_template_fields(
+        self,
+        parent: Any,
+        template_fields: Iterable[str],
+        context: Context,
+        jinja_env: Any,
+        seen_oids: set[int],
+    ) -> None:
+        """Render as usual; then hold ``search_criteria`` so that Airflow stores and shows it redacted."""
+        from healthimaging.phi import RenderedSearchCriteria, mask_search_criteria
+
+        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)
+        if parent is self and not isinstance(self.search_criteria, RenderedSearchCriteria):
+            mask_search_criteria(self.search_criteria)
+            self.search_criteria = RenderedSearchCriteria(self.search_criteria)
+
+    def execute(self, context: Context) -> None:
+        from healthimaging.phi import (
+            mask_search_criteria,
+            new_uid_key,
+            parse_allow_tags,
+            unwrap_search_criteria,
+        )
+
         check_parameter("datastore_id", self.datastore_id)
         check_parameter("job_id", self.import_job_id or None, required=False)
         max_results = coerce_max_results(self.max_results)
-        criteria = parse_search_criteria(self.search_criteria)
+        given = unwrap_search_criteria(self.search_criteria)
+        mask_search_criteria(given)
+        criteria = parse_search_criteria(given)
         include_phi = coerce_bool("include_phi", self.include_phi)
         all_pages = coerce_bool("all_pages", self.all_pages)
+        allow_tags = parse_allow_tags(self.phi_allow_tags)
+        max_lookups = coerce_optional_count("max_image_set_lookups", self.max_image_set_lookups)
 
         if self.import_job_id:
-            summaries, next_token = self._import_job_image_sets(self.import_job_id, max_results), None
+            summaries = self._import_job_image_sets(self.import_job_id, max_results, max_lookups)
+            next_token = None
             if criteria:
                 summaries = self._matching(summaries, criteria, max_results)
         else:
@@ -408,7 +567,8 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
             aws_partition=self.hook.conn_partition,
             datastore_id=self.datastore_id,
         )
-        summaries = [_for_xcom(summary, include_phi) for summary in summaries]
+        uid_key = new_uid_key()
+        summaries = [_for_xcom(summary, include_phi, allow_tags, uid_key) for summary in summaries]
         ids = [summary["imageSetId"] for summary in summaries]
         result = {
             "imageSetIds": ids,
@@ -419,7 +579,6 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         self.log.info("Found %d image set(s) in data store %s", len(ids), self.datastore_id)
         for key, value in result.items():
             context["ti"].xcom_push(key=key, value=value)
-        return result
 
     def _search(
         self, criteria: dict[str, Any], max_results: int, all_pages: bool
@@ -429,7 +588,7 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
                 datastoreId=self.datastore_id, searchCriteria=criteria, maxResults=max_results
             )
             return list(response.get("imageSetsMetadataSummaries", [])), response.get("nextToken")
-        return self._search_all(criteria, max_results), None
+        return list(self._search_pages(criteria, max_results)), None
 
     def _matching(
         self, summaries: list[dict[str, Any]], criteria: dict[str, Any], max_results: int
@@ -437,32 +596,35 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         """The image sets among ``summaries`` that a search with ``criteria`` finds, in the search's order."""
         wanted = {summary["imageSetId"] for summary in summaries}
         matching: dict[str, dict[str, Any]] = {}
-        for summary in self._search_all(criteria, max_results):
+        for summary in self._search_pages(criteria, max_results):
             if summary["imageSetId"] in wanted:
                 matching.setdefault(summary["imageSetId"], summary)
+                if len(matching) == len(wanted):
+                    break
         self.log.info(
             "search_criteria matched %d of the import job's %d image set(s)", len(matching), len(wanted)
         )
         return list(matching.values())
 
-    def _search_all(self, criteria: dict[str, Any], max_results: int) -> list[dict[str, Any]]:
+    def _search_pages(self, criteria: dict[str, Any], max_results: int) -> Iterator[dict[str, Any]]:
+        """Summaries of every page of a search, read one page at a time (a caller may stop early)."""
         paginator = self.hook.conn.get_paginator("search_image_sets")
-        summaries: list[dict[str, Any]] = []
         for page in paginator.paginate(
             datastoreId=self.datastore_id,
             searchCriteria=criteria,
             PaginationConfig={"PageSize": max_results},
         ):
-            summaries.extend(page.get("imageSetsMetadataSummaries", []))
-        return summaries
+            yield from page.get("imageSetsMetadataSummaries", [])
 
-    def _import_job_image_sets(self, job_id: str, max_results: int) -> list[dict[str, Any]]:
+    def _import_job_image_sets(
+        self, job_id: str, max_results: int, max_lookups: int | None
+    ) -> list[dict[str, Any]]:
         """
-        Summaries of exactly the image sets in the job's output manifest.
+        Summaries of exactly the image sets in the job's output manifest, in the manifest's order.
 
-        One paginated search by ``updatedAt`` between the job's submission and end finds them in bulk;
-        image sets updated again since then are found by widening the window to now; any still
-        missing (e.g. deleted since) fall back to GetImageSet, which carries no DICOM tags.
+        One paginated search by ``updatedAt`` over the job's own window (``submittedAt`` to ``endedAt``, widened
+        by :attr:`job_window_skew`) finds them in bulk and stops once it has them all. Image sets it misses
+        (updated again since the job, or deleted) are read one by one, at most ``max_lookups`` of them.
         """
         from healthimaging.hooks import import_job_states
 
@@ -474,48 +636,79 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
             raise AirflowException(f"Output manifest of DICOM import job {job_id} was not found")
         wanted = list(dict.fromkeys(s["imageSetId"] for s in manifest.get("imageSetsSummary", [])))
         found: dict[str, dict[str, Any]] = {}
-        submitted_at = job.get("submittedAt")
-        if wanted and submitted_at is not None:
-            lower = submitted_at - timedelta(seconds=1)
-            uppers = [job["endedAt"] + timedelta(seconds=1)] if job.get("endedAt") else []
-            uppers.append(datetime.now(UTC) + timedelta(minutes=1))
-            for upper in uppers:
-                criteria = {
-                    "filters": [
-                        {"operator": "BETWEEN", "values": [{"updatedAt": lower}, {"updatedAt": upper}]}
-                    ]
-                }
-                for summary in self._search_all(criteria, max_results):
-                    if summary["imageSetId"] in wanted:
-                        found.setdefault(summary["imageSetId"], summary)
-                if len(found) == len(wanted):
-                    break
-        for image_set_id in wanted:
-            if image_set_id not in found:
-                found[image_set_id] = self._summary_from_image_set(image_set_id)
-        return [found[image_set_id] for image_set_id in wanted]
+        if wanted and job.get("submittedAt") is not None and job.get("endedAt") is not None:
+            skew = timedelta(seconds=self.job_window_skew)
+            window = [{"updatedAt": job["submittedAt"] - skew}, {"updatedAt": job["endedAt"] + skew}]
+            criteria = {"filters": [{"operator": "BETWEEN", "values": window}]}
+            remaining = set(wanted)
+            for summary in self._search_pages(criteria, max_results):
+                if summary["imageSetId"] in remaining:
+                    found[summary["imageSetId"]] = summary
+                    remaining.discard(summary["imageSetId"])
+                    if not remaining:
+                        break
+        missing = [image_set_id for image_set_id in wanted if image_set_id not in found]
+        if missing:
+            if max_lookups is not None and len(missing) > max_lookups:
+                raise AirflowException(
+                    f"{len(missing)} image set(s) of import job {job_id} are not in the search over the job's "
+                    f"window; reading them one by one would take more than max_image_set_lookups="
+                    f"{max_lookups} GetImageSet calls"
+                )
+            self.log.info(
+                "%d image set(s) of import job %s changed since the job: reading them one by one",
+                len(missing),
+                job_id,
+            )
+            for image_set_id in missing:
+                looked_up = self._summary_from_image_set(image_set_id)
+                if looked_up is not None:
+                    found[image_set_id] = looked_up
+        return [found[image_set_id] for image_set_id in wanted if image_set_id in found]
 
-    def _summary_from_image_set(self, image_set_id: str) -> dict[str, Any]:
-        image_set = self.hook.conn.get_image_set(datastoreId=self.datastore_id, imageSetId=image_set_id)
-        summary = {
-            "imageSetId": image_set_id,
-            "version": int(image_set["versionId"]),
-            "createdAt": image_set.get("createdAt"),
-            "updatedAt": image_set.get("updatedAt"),
-            "isPrimary": image_set.get("isPrimary"),
-        }
+    def _summary_from_image_set(self, image_set_id: str) -> dict[str, Any] | None:
+        """
+        A search summary's members for one image set, from GetImageSet and GetImageSetMetadata.
+
+        :return: None (and a warning) when the image set no longer exists
+        """
+        import gzip
+        import json
+
+        from botocore.exceptions import ClientError
+
+        from healthimaging.phi import SERVICE_MEMBERS, summary_tags_from_metadata
+
+        try:
+            image_set = self.hook.conn.get_image_set(datastoreId=self.datastore_id, imageSetId=image_set_id)
+            metadata = self.hook.conn.get_image_set_metadata(
+                datastoreId=self.datastore_id, imageSetId=image_set_id
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+                raise
+            self.log.warning("Image set %s of the import no longer exists: left out", image_set_id)
+            return None
+        if image_set.get("imageSetState") == "DELETED":
+            self.log.warning("Image set %s of the import was deleted: left out", image_set_id)
+            return None
+        blob = metadata["imageSetMetadataBlob"].read()
+        if metadata.get("contentEncoding") == "gzip":
+            blob = gzip.decompress(blob)
+        summary = {key: value for key, value in image_set.items() if key in SERVICE_MEMBERS}
+        summary["version"] = int(image_set["versionId"])
+        summary["DICOMTags"] = summary_tags_from_metadata(json.loads(blob))
         return {key: value for key, value in summary.items() if value is not None}
 
 
-def _for_xcom(summary: dict[str, Any], include_phi: bool) -> dict[str, Any]:
-    """ISO datetimes; patient identifiers in ``DICOMTags`` masked unless ``include_phi``."""
+def _for_xcom(
+    summary: dict[str, Any], include_phi: bool, allow_tags: frozenset[str], uid_key: bytes
+) -> dict[str, Any]:
+    """ISO datetimes; unless ``include_phi``, the Basic Profile of :mod:`healthimaging.phi` applied."""
     from healthimaging.hooks import to_iso
+    from healthimaging.phi import deidentify_summary
 
     summary = to_iso(summary)
-    tags = summary.get("DICOMTags")
-    if not include_phi and isinstance(tags, dict):
-        summary["DICOMTags"] = {
-            key: (PHI_MASK if key in PHI_TAGS and value not in (None, "") else value)
-            for key, value in tags.items()
-        }
-    return summary
+    if include_phi:
+        return summary
+    return deidentify_summary(summary, allow_tags=allow_tags, uid_key=uid_key)
