@@ -15,7 +15,7 @@ Per run:
 | `settle.wait_until_settled` | one per folder: `S3KeysUnchangedSensor` (deferrable, in the triggerer; no worker slot) until the folder has had no new object for the settle period |
 | `settle.settled_import_spec` | the import spec of the settled folder |
 | `settled_folders` | the specs of every folder that settled, as one list |
-| import tasks | the shared import pipeline: plan each folder, start its jobs with a client token derived from the planned content (keys and ETags), wait, search |
+| `plan_imports`, `start_imports`, `import_dicom.*`, `publish_image_sets`, `import_report` | the shared import pipeline (`healthimaging.import_tasks.compose_imports`): plan each folder, start its jobs with a client token derived from the planned content (keys and ETags), wait, search, announce the image sets on the asset `healthimaging_image_sets`, account for every object |
 
 Arrivals that keep coming while a folder settles start more runs; each waits for the same folder to settle and
 plans the same content, so their start tasks send the same client token and attach to one job. A folder that grows
@@ -53,6 +53,8 @@ from airflow.sdk import DAG, Asset, AssetWatcher
 from airflow.sdk.definitions.decorators import task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from healthimaging.import_tasks import compose_imports
+from healthimaging.params import PARAMS
 from healthimaging.settle import S3PrefixSettledSensor
 
 if TYPE_CHECKING:
@@ -172,16 +174,6 @@ def settled_folders(specs: Any) -> list[dict[str, Any]]:
     return [dict(item) for item in items]
 
 
-# --- TEMPORARY: delete on merging main, replace by ``compose_imports(specs)`` from healthimaging.import_tasks ---
-@task(task_id="import_settled_folders_TEMPORARY", execution_timeout=timedelta(minutes=5))
-def import_settled_folders_temporary(specs: Any) -> list[dict[str, Any]]:
-    """TEMPORARY stand-in for ``compose_imports``: returns the specs it would import (imports nothing)."""
-    return list(specs)
-
-
-# --- end TEMPORARY ---
-
-
 with DAG(
     dag_id=DAG_ID,
     description="Import DICOM studies from S3 as they arrive (SQS notifications, settle, import)",
@@ -191,6 +183,8 @@ with DAG(
     catchup=False,
     max_active_runs=MAX_ACTIVE_RUNS,
     dagrun_timeout=timedelta(hours=24),
+    # The shared search task renders this param; an arrival run searches all image sets of each import.
+    params={"search_criteria": PARAMS["search_criteria"]},
     tags=["healthimaging", "dicom", "medical-imaging", "import", "event-driven"],
     default_args={
         "owner": "data-engineering",
@@ -202,4 +196,4 @@ with DAG(
     },
 ) as dag:
     specs = settled_folders(settle.expand_kwargs(group_study_folders()))
-    import_settled_folders_temporary(specs)
+    compose_imports(specs)

@@ -428,6 +428,12 @@ class ArrivalSettings:
             "data_access_role_arn": self.data_access_role_arn,
             "staging_s3_uri": self.staging_s3_uri,
             "allow_empty": False,
+            "job_name": None,
+            "client_token": None,
+            "max_failed_files": None,
+            "max_results": 50,
+            "include_phi": False,
+            "phi_allow_tags": [],
         }
 
 

@@ -121,6 +121,8 @@ def airflow_deployment(deployment_dir: Path) -> Iterator[AirflowDeployment]:
             "HEALTHIMAGING_ARRIVALS_WAIT_SECONDS": "5",
             "HEALTHIMAGING_ARRIVALS_POLL_DELAY": "1",
             "HEALTHIMAGING_SETTLE_POKE_INTERVAL": "2",
+            # [healthimaging] poll_interval: GetDICOMImportJob every 2 s (the default is 30).
+            "AIRFLOW__HEALTHIMAGING__POLL_INTERVAL": "2",
         },
         worker_concurrency=4,
     )

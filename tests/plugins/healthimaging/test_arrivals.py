@@ -223,6 +223,12 @@ def test_settings_from_variables_exclude_output_and_staging() -> None:
         "data_access_role_arn": ROLE,
         "staging_s3_uri": "s3://dicom/staging/",
         "allow_empty": False,
+        "job_name": None,
+        "client_token": None,
+        "max_failed_files": None,
+        "max_results": 50,
+        "include_phi": False,
+        "phi_allow_tags": [],
     }
 
 
