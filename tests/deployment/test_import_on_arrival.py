@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -176,17 +175,19 @@ def test_two_interleaved_studies_become_two_imports(
 def test_stopping_the_triggerer_mid_arrival_loses_no_study(
     api: AirflowApi, deployment: AirflowDeployment, arrival_site: tuple[Site, dict[str, Any]]
 ) -> None:
+    """
+    The first files arrive and start a run; the triggerer stops (its watcher and the deferred settle sensor with
+    it); the rest arrives while it is down and waits in the queue; after the restart the study is imported once.
+    """
     site, wiring = arrival_site
     files = study("patient-d/study-2", seed=1504)
-    dripping = threading.Thread(
-        target=upload, args=(files, site.client("s3"), BUCKET, "incoming/"), kwargs={"drip_seconds": 20}
-    )
-    dripping.start()
-    triggerer = deployment.component("triggerer")
+    first, rest = files[:3], files[3:]
+    upload(first, site.client("s3"), BUCKET, "incoming/", drip_seconds=2)
     wait_until(lambda: api.dag_runs(ARRIVAL_DAG_ID), timeout=120, what="a first run from the arrivals")
+    triggerer = deployment.component("triggerer")
     triggerer.stop()
-    dripping.join()
-    assert not queue_drained(site, wiring["arrivals_queue_url"])  # the rest waited in the queue
+    upload(rest, site.client("s3"), BUCKET, "incoming/", drip_seconds=8)
+    assert not queue_drained(site, wiring["arrivals_queue_url"])  # nobody polls: the rest waits in the queue
     triggerer.start()
     deployment.wait_healthy()
     runs = settled(api, site, wiring["arrivals_queue_url"], jobs=1)
