@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -14,6 +15,10 @@ from dag_test_helpers import DAGS, EXAMPLE_DAG_ID, IMPORT_DAG_ID, ROOT
 from healthimaging import params as hi_params
 
 DAG_FILES = sorted(p for p in DAGS.glob("*.py") if not p.name.startswith("_"))
+#: DAG files whose AssetWatcher needs the messaging provider's ``MessageQueueTrigger`` at parse: importing its
+#: module initialises the providers' queue classes, whose SQS provider imports the SQS hook, hence boto3 and
+#: botocore. They may import those (and still make no AWS call and read no Variable).
+WATCHER_DAG_FILES = {"healthimaging_import_on_arrival.py", "healthimaging_index_image_sets_example.py"}
 VALID_CONF: dict[str, Any] = {
     "datastore_id": "0123456789abcdef0123456789abcdef",
     "data_access_role_arn": "arn:aws:iam::123456789012:role/HealthImagingImport",
@@ -148,8 +153,15 @@ def test_import_dag_schedule_and_limits(dagbag: Any) -> None:
     assert start.retry_exponential_backoff
 
 
-def test_parse_is_light_and_offline() -> None:
-    """Parsing imports no boto3/botocore/pydicom/endpoint code of its own, makes no AWS call, reads no Variable."""
+@pytest.mark.parametrize("watchers", [False, True], ids=["plain", "watchers"])
+def test_parse_is_light_and_offline(watchers: bool) -> None:
+    """
+    Parsing imports no boto3/botocore/pydicom/endpoint code of its own, makes no AWS call, reads no Variable.
+
+    DAG files with a message-queue watcher may import boto3 and botocore (see ``WATCHER_DAG_FILES``), nothing else
+    heavy; they are parsed with a queue URL set, so their trigger is built.
+    """
+    files = [str(p) for p in DAG_FILES if (p.name in WATCHER_DAG_FILES) == watchers]
     probe = f"""
 import importlib.util, json, sys
 import airflow.sdk, healthimaging.operators, healthimaging.sensors   # the operators may pull in boto3
@@ -159,17 +171,24 @@ calls = []
 botocore.client.BaseClient._make_api_call = lambda self, op, params: calls.append(op)
 Variable.get = classmethod(lambda cls, *a, **k: calls.append(("Variable.get", a)))
 before = set(sys.modules)
-for path in {[str(p) for p in DAG_FILES]!r}:
+for path in {files!r}:
     spec = importlib.util.spec_from_file_location("probe_" + path.rsplit("/", 1)[-1][:-3], path)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 new = sorted(set(sys.modules) - before)
 print(json.dumps({{"new": new, "all": sorted(sys.modules), "calls": [str(c) for c in calls]}}))
 """
+    env = {
+        **os.environ,
+        "HEALTHIMAGING_ARRIVALS_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/123456789012/arrivals",
+        "HEALTHIMAGING_IMAGE_SET_EVENTS_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/123456789012/events",
+    }
     out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True, env=env
     ).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    heavy = ("boto3", "botocore", "aiobotocore", "pydicom", "healthimaging_local", "moto")
+    heavy: tuple[str, ...] = ("aiobotocore", "pydicom", "healthimaging_local", "moto")
+    if not watchers:
+        heavy += ("boto3", "botocore")
     assert [m for m in result["new"] if m.split(".")[0] in heavy] == []
     assert [m for m in result["all"] if m.split(".")[0] in ("pydicom", "healthimaging_local", "moto")] == []
     assert result["calls"] == []
