@@ -257,6 +257,17 @@ PARAMS: dict[str, Param] = {
         + _configurable(VAR_OUTPUT_S3_URI),
         **_S3_URI_SCHEMA,
     ),
+    "staging_s3_uri": Param(
+        None,
+        **_DIALECT,
+        type=["null", "string"],
+        title="Staging S3 prefix (for loose files no input prefix can reach)",
+        description="S3 prefix, outside the input prefixes, where loose files that no chunk prefix of their own "
+        "reaches (more loose files in one folder than one job takes, or loose files beside the sub-folders of a "
+        "folder too big for one job) are copied and imported from; the copies are removed after the run. Empty: "
+        "such a prefix fails the run before any job starts.",
+        **_S3_URI_SCHEMA,
+    ),
     "job_name": Param(
         None,
         **_DIALECT,
@@ -416,6 +427,7 @@ def resolve_import_specs(
             "output_s3_uri": output_s3_uri,
             "job_name": job_name,
             "client_token": client_token or None,
+            "staging_s3_uri": params.get("staging_s3_uri") or None,
             "max_failed_files": max_failed_files,
             "max_results": max_results,
             "include_phi": bool(params.get("include_phi", False)),
