@@ -112,6 +112,12 @@ def airflow_deployment(deployment_dir: Path) -> Iterator[AirflowDeployment]:
             "HEALTHIMAGING_POKE_INTERVAL": "2",
             # so that twenty runs really run at once (test 10)
             "HEALTHIMAGING_MAX_ACTIVE_RUNS": "25",
+            # The sensors' and start pacing's settings ([healthimaging]): poll every 2 s, and pace starts at
+            # 5/s so that pacing does not slow tests that are not about it (the endpoint still answers 1/s,
+            # burst 2, and the operator absorbs its ThrottlingException). The pacing test restarts the
+            # worker with its own rate.
+            "AIRFLOW__HEALTHIMAGING__POLL_INTERVAL": "2",
+            "AIRFLOW__HEALTHIMAGING__START_RATE": "5",
         },
         worker_concurrency=4,
     )
