@@ -121,8 +121,11 @@ def airflow_deployment(deployment_dir: Path) -> Iterator[AirflowDeployment]:
             "HEALTHIMAGING_ARRIVALS_WAIT_SECONDS": "5",
             "HEALTHIMAGING_ARRIVALS_POLL_DELAY": "1",
             "HEALTHIMAGING_SETTLE_POKE_INTERVAL": "2",
-            # [healthimaging] poll_interval: GetDICOMImportJob every 2 s (the default is 30).
+            # The sensors' and start pacing's settings ([healthimaging]): poll every 2 s, and pace starts at
+            # the endpoint's own StartDICOMImportJob rate (1/s) so that pacing does not slow tests that are not
+            # about it. The pacing test restarts the worker with its own rate.
             "AIRFLOW__HEALTHIMAGING__POLL_INTERVAL": "2",
+            "AIRFLOW__HEALTHIMAGING__START_RATE": "1",
         },
         worker_concurrency=4,
     )
