@@ -109,9 +109,9 @@ def airflow_deployment(deployment_dir: Path) -> Iterator[AirflowDeployment]:
         dags_folder=build_dags_folder(deployment_dir / "dags"),
         # Parse-time setting of the DAG: poll GetDICOMImportJob every 2 s instead of 30 s.
         extra_env={
-            "HEALTHIMAGING_POKE_INTERVAL": "2",
+            "AIRFLOW__HEALTHIMAGING__POLL_INTERVAL": "2",
             # so that twenty runs really run at once (test 10)
-            "HEALTHIMAGING_MAX_ACTIVE_RUNS": "25",
+            "AIRFLOW__HEALTHIMAGING__MAX_ACTIVE_RUNS": "25",
         },
         worker_concurrency=4,
     )
