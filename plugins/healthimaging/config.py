@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+T = TypeVar("T")
 
 SECTION = "healthimaging"
 VERSION_ADDED = "0.2.0"
@@ -130,47 +135,27 @@ def _is_set(conf: Any, name: str) -> bool:
     )
 
 
-def poll_interval() -> float:
-    """Seconds between GetDICOMImportJob polls of the import DAG's sensor."""
-    return float(get("poll_interval"))
+def _optional_int(text: str) -> int | None:
+    return int(text) if text.strip() else None
 
 
-def import_pool() -> str:
-    """The pool of the import DAG's start and wait tasks."""
-    return get("import_pool")
+def _accessor(name: str, kind: Callable[[str], T]) -> Callable[[], T]:
+    """A function that reads option ``name`` when called and converts it with ``kind``; its docstring is the description."""
+
+    def read() -> T:
+        return kind(get(name))
+
+    read.__name__ = read.__qualname__ = name
+    read.__doc__ = OPTIONS[name][2]
+    return read
 
 
-def max_active_runs() -> int:
-    """Parallel runs of the import DAG."""
-    return int(get("max_active_runs"))
-
-
-def triggerer_max_polls_per_second() -> float:
-    """GetDICOMImportJob calls per second of one triggerer process (0: no limit)."""
-    return float(get("triggerer_max_polls_per_second"))
-
-
-def console_url() -> str:
-    """Base URL of the HealthImaging console, with ``{region_name}`` and ``{aws_domain}`` placeholders."""
-    return get("console_url")
-
-
-def max_files_per_job() -> int:
-    """Most files one import job is given."""
-    return int(get("max_files_per_job"))
-
-
-def start_rate() -> float:
-    """StartDICOMImportJob calls per second."""
-    return float(get("start_rate"))
-
-
-def max_imports_in_flight() -> int:
-    """Most import jobs running at once per data store."""
-    return int(get("max_imports_in_flight"))
-
-
-def max_failed_files() -> int | None:
-    """Default most failed files of a COMPLETED job; None only warns."""
-    value = get("max_failed_files").strip()
-    return int(value) if value else None
+poll_interval = _accessor("poll_interval", float)
+import_pool = _accessor("import_pool", str)
+max_active_runs = _accessor("max_active_runs", int)
+triggerer_max_polls_per_second = _accessor("triggerer_max_polls_per_second", float)
+console_url = _accessor("console_url", str)
+max_files_per_job = _accessor("max_files_per_job", int)
+start_rate = _accessor("start_rate", float)
+max_imports_in_flight = _accessor("max_imports_in_flight", int)
+max_failed_files = _accessor("max_failed_files", _optional_int)
