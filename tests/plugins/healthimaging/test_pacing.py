@@ -226,3 +226,46 @@ def test_start_rate_on_the_endpoint_spaces_two_runs(live, kit, real_sleep, monke
     second = op.resume_start(second_run, None)
     assert second != first
     assert len(live.jobs()) == 2
+
+
+class _FakeService:
+    """``list_dicom_import_jobs`` answering from a list of (status, submittedAt) the test controls."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, datetime]] = []
+        self.calls = 0
+
+    def list_dicom_import_jobs(self, datastoreId: str, jobStatus: str, maxResults: int, **_: str) -> dict:
+        self.calls += 1
+        return {
+            "jobSummaries": [
+                {"jobId": f"j{n}", "jobStatus": s, "submittedAt": at}
+                for n, (s, at) in enumerate(self.jobs)
+                if s == jobStatus
+            ]
+        }
+
+
+def test_pacer_spaces_its_own_starts_and_waits_while_the_data_store_is_full() -> None:
+    from healthimaging.pacing import StartPacer
+
+    service = _FakeService()
+    clock = [1000.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+        if len(slept) == 2:  # the full data store empties while the pacer waits
+            service.jobs.clear()
+
+    pacer = StartPacer(service, "d" * 32, StartPace(0.5, 2), sleep=sleep, clock=lambda: clock[0])
+    pacer()  # nothing in flight: start now
+    assert slept == []
+    pacer()  # the listing does not show the first start yet: the pacer's own spacing (2 s) still holds
+    assert slept == [pytest.approx(2.0)]
+    service.jobs = [("SUBMITTED", datetime.now(UTC) - timedelta(hours=1))] * 2
+    pacer()  # full: wait, ask again, then start
+    assert slept[1] == FULL_WAIT
+    assert len(slept) == 2
+    assert service.calls >= 3 * 2
