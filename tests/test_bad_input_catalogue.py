@@ -57,7 +57,7 @@ def param(conf: dict[str, Any], fragment: str) -> Case:
     return Case("param", conf, "ParamValidationError", fragment)
 
 
-def start(overrides: dict[str, Any], fragment: str, error: str = "ValueError") -> Case:
+def start(overrides: dict[str, Any], fragment: str, error: str = "AirflowFailException") -> Case:
     return Case("start", overrides, error, fragment)
 
 
