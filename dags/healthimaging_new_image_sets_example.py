@@ -1,10 +1,12 @@
 """
 # New HealthImaging image sets (downstream example)
 
-Scheduled on the asset `healthimaging_image_sets`, which `healthimaging_import_dicom_and_search` updates after
-each successful import that produced image sets. Each asset event's `extra` is
-`{"datastoreId": ..., "jobId": ..., "imageSetIds": [...]}` (ids only, never PHI). Several events can fold into one
-run, so the task reads them all from `triggering_asset_events`.
+Scheduled on the asset `healthimaging_image_sets`, which every import run updates once when its imports found
+image sets. Each asset event's `extra` is `{"datastoreId": ..., "jobIds": [...], "imageSetIds": [...], "imports":
+[{"datastoreId", "jobId", "imageSetIds"}, ...]}` (ids only, never PHI). Several events (of several import runs) can
+fold into one run, so the task reads them all from `triggering_asset_events`. On Airflow 3.3.2 an event that lands
+while another one is still queued for this DAG (two import runs finishing together) is handed to this DAG's next
+run, which Airflow starts on the asset's next event (apache/airflow#54659); no event is consumed twice.
 
 Copy this DAG as the start of an inference, QA or de-identification pipeline: replace the logging task with
 your own work on the listed image sets (for example `GetImageSetMetadata` per id).
@@ -39,11 +41,12 @@ def new_image_sets(events: Iterable[Any]) -> list[dict[str, Any]]:
     imports = []
     for event in events:
         extra = getattr(event, "extra", None) or {}
-        ids = [str(i) for i in extra.get("imageSetIds") or []]
-        if ids:
-            imports.append(
-                {"datastoreId": extra.get("datastoreId"), "jobId": extra.get("jobId"), "imageSetIds": ids}
-            )
+        for item in extra.get("imports") or [extra]:
+            ids = [str(i) for i in item.get("imageSetIds") or []]
+            if ids:
+                imports.append(
+                    {"datastoreId": item.get("datastoreId"), "jobId": item.get("jobId"), "imageSetIds": ids}
+                )
     return imports
 
 
@@ -54,7 +57,8 @@ def new_image_sets(events: Iterable[Any]) -> list[dict[str, Any]]:
     schedule=[IMAGE_SETS],
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=1,
+    # No max_active_runs=1: while a run is active Airflow 3.3.2 keeps one queue entry for the asset, and of the
+    # events landing meanwhile only the first reaches the next run; the rest wait for a later event.
     tags=["healthimaging", "medical-imaging", "example"],
     default_args={
         "owner": "data-engineering",

@@ -161,6 +161,11 @@ CATALOGUE: dict[str, Case] = {
     "search-max-results-text": search({"max_results": "abc"}, "max_results must be an integer"),
     "search-datastore-id": search({"datastore_id": "x"}, "datastore_id 'x' does not match"),
     "search-job-id": search({"import_job_id": "../../etc"}, "job_id '../../etc' does not match"),
+    "search-phi-allow-unknown-tag": search(
+        {"phi_allow_tags": ["PatientName"]}, "phi_allow_tags names unknown DICOMTags member(s) PatientName"
+    ),
+    "search-phi-allow-not-a-list": search({"phi_allow_tags": 5}, "phi_allow_tags must be a list"),
+    "search-lookups-negative": search({"max_image_set_lookups": -1}, "max_image_set_lookups"),
     # ---------------------------------------------------------------- raw HTTP to the endpoint
     "http-invalid-json": http_(
         "POST", "/datastore", b"{not json", "Could not parse", "ValidationException", **JSON

@@ -7,8 +7,11 @@ nightly/backfill/manual DAG and the on-arrival DAG) runs the same tasks:
 - ``plan_imports``: one listing per prefix, split into quota-sized chunks (:mod:`healthimaging.planner`), plans
   written to S3, loose files staged (:mod:`healthimaging.staging`). A prefix that cannot be planned (empty, or
   staging needed but not configured) fails the run before any job starts.
-- ``import_dicom``: mapped over the chunks; one StartDICOMImportJob per chunk with a client token scoped to the
-  chunk's content, so retries, clears, backfills and other runs of the same objects attach to one job.
+- ``start_imports``: one StartDICOMImportJob per chunk, at the service's pace, from one task (task scheduling
+  would space serialised start tasks seconds apart), with a client token scoped to the chunk's content, so
+  retries, clears, backfills and other runs of the same objects attach to one job.
+- ``import_dicom``: mapped over the started jobs: wait for the job (deferred), search exactly its image sets.
+- ``publish_image_sets``: one event on the asset ``healthimaging_image_sets`` naming every image set the run found.
 - ``import_report``: after every chunk, accounts for every listed object (:mod:`healthimaging.report`), writes the
   report next to the plan, removes the staged copies of completed chunks, and fails the run when anything is
   unaccounted for or any import task failed.
@@ -23,13 +26,12 @@ import re
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import XComArg, conf
-
 # Imported from their module, not from ``airflow.sdk``: the dag-processor pre-imports the ``airflow.*`` modules a
 # DAG file names before it forks a parser, so the decorators' import chain is paid once, not at every parse.
 from airflow.sdk.definitions.decorators import task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from healthimaging import config
 from healthimaging.assets import IMAGE_SETS
 from healthimaging.operators import SearchImageSetsOperator, StartDICOMImportOperator
 from healthimaging.sensors import DICOMImportJobSensor
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
 GROUP_ID = "import_dicom"
-START_TASK_ID = f"{GROUP_ID}.start_import_job"
+START_TASK_ID = "start_imports"
+SEARCH_TASK_ID = f"{GROUP_ID}.search_image_sets"
 IMPORT_TIMEOUT = timedelta(hours=12)
 #: Keys of a resolved import spec that each chunk's import takes as they are.
 CHUNK_KEYS = (
@@ -48,29 +51,10 @@ CHUNK_KEYS = (
     "max_failed_files",
     "max_results",
     "include_phi",
+    "phi_allow_tags",
 )
 log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
-
-
-def import_pool() -> str:
-    """The pool of start and sensor tasks (``[healthimaging] import_pool``)."""
-    return conf.get("healthimaging", "import_pool", fallback="default_pool")
-
-
-def poll_interval() -> float:
-    """Seconds between GetDICOMImportJob polls (``[healthimaging] poll_interval``)."""
-    return conf.getfloat("healthimaging", "poll_interval", fallback=30.0)
-
-
-def max_imports_in_flight() -> int:
-    """Jobs in flight per data store (``[healthimaging] max_imports_in_flight``)."""
-    return conf.getint("healthimaging", "max_imports_in_flight", fallback=100)
-
-
-def max_files_per_job() -> int:
-    """Files one job takes (``[healthimaging] max_files_per_job``; the quota can be raised)."""
-    return conf.getint("healthimaging", "max_files_per_job", fallback=5_000)
 
 
 def run_documents_uri(output_s3_uri: str, dag_id: str, run_id: str) -> str:
@@ -124,7 +108,7 @@ def plan_imports(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     context = get_current_context()
     ti = context["ti"]
     s3 = S3Hook(aws_conn_id="aws_default").get_conn()
-    limits = ImportLimits(max_files_per_job=max_files_per_job())
+    limits = ImportLimits(max_files_per_job=config.max_files_per_job())
     plans = []
     for spec in specs:
         settings = PlanSettings(
@@ -170,81 +154,140 @@ def plan_imports(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return chunks
 
 
+@task(task_id="start_imports", execution_timeout=timedelta(hours=12), retries=3)
+def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Start one import job per chunk, in plan order, at the service's pace (one task, so starts are not
+    spaced by task scheduling); re-attach to jobs already started for a chunk.
+
+    Each chunk's job is started by a :class:`~healthimaging.operators.StartDICOMImportOperator` with the chunk's
+    content digest, so its client token is the chunk's: a retry, a clear, a backfill or another run of the same
+    objects re-attaches, a FAILED job is followed by a new one. Each job is also kept in this task's
+    ``task_state_store`` under its chunk. A chunk that cannot be started (a refusal a retry cannot fix) is left
+    out, logged and reported as not reached; a transient error fails the try, and the retry picks up where it
+    stopped.
+
+    :param chunks: ``plan_imports``'s chunk list
+    :return: the ``import_dicom`` arguments of every started job (XCom ``start_failures``: the chunks not started)
+    """
+    from airflow.sdk import get_current_context
+
+    from healthimaging.pacing import StartPace, StartPacer
+
+    context = get_current_context()
+    pace = StartPace.from_config()
+    pacers: dict[str, StartPacer] = {}
+    started: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    for n, chunk in enumerate(chunks):
+        # [START howto_operator_start_dicom_import]
+        operator = StartDICOMImportOperator(
+            task_id=f"start_import_job_{n}",
+            datastore_id=chunk["datastore_id"],
+            data_access_role_arn=chunk["data_access_role_arn"],
+            input_s3_uri=chunk["input_s3_uri"],
+            output_s3_uri=chunk["output_s3_uri"],
+            content_digest=chunk["content_digest"],
+            job_name=chunk.get("job_name"),
+            client_token=chunk.get("client_token"),
+            pace_starts=False,  # this task keeps the pace itself, below
+        )
+        # [END howto_operator_start_dicom_import]
+        pacer = pacers.get(chunk["datastore_id"])
+        if pacer is None:
+            pacer = pacers[chunk["datastore_id"]] = StartPacer(
+                operator.hook.conn, chunk["datastore_id"], pace
+            )
+        try:
+            job_id, status = operator.start_job(
+                context, state_key=f"job:{chunk['content_digest']}", before_start=pacer
+            )
+        except AirflowFailException as error:
+            log.error("Chunk %s (%s) not started: %s", chunk["chunk_id"], chunk["input_s3_uri"], error)
+            failures.append(
+                {"chunk_id": chunk["chunk_id"], "plan_index": chunk["plan_index"], "message": str(error)}
+            )
+            continue
+        log.info(
+            "Chunk %s %s -> import job %s (%s)", chunk["chunk_id"], chunk["input_s3_uri"], job_id, status
+        )
+        started.append(
+            {
+                "datastore_id": chunk["datastore_id"],
+                "job_id": job_id,
+                "max_failed_files": chunk.get("max_failed_files"),
+                "max_results": chunk["max_results"],
+                "include_phi": chunk["include_phi"],
+                "phi_allow_tags": chunk.get("phi_allow_tags") or [],
+            }
+        )
+        chunk["job_id"] = job_id
+    context["ti"].xcom_push(key="start_failures", value=failures)
+    context["ti"].xcom_push(key="jobs", value=[c.get("job_id") for c in chunks])
+    return started
+
+
 @task(
     task_id="publish_image_sets",
     outlets=[IMAGE_SETS],
+    trigger_rule="all_done",
     execution_timeout=timedelta(minutes=5),
-    map_index_template="{{ import_job_id }}",
 )
-def publish_image_sets(datastore_id: str, job_id: str, image_set_ids: list[str] | None) -> list[str]:
-    """
-    Emit an asset event naming this import's image sets (ids only) for downstream DAGs.
+def publish_image_sets(started: list[dict[str, Any]] | None = None) -> list[str]:
+    """Emit one asset event naming the image sets of every import of the run that found some (ids only).
 
-    :param datastore_id: the data store imported into
-    :param job_id: the import job
-    :param image_set_ids: ids of exactly this import's image sets
+    One event per run, not one per job: Airflow 3.3.2 keeps one queue entry per (asset, consumer) and hands an
+    event registered while that entry is pending to the consumer's next run, which only the asset's next event
+    starts (apache/airflow#54659); events of one task arrive together.
+
+    :param started: ``start_imports``'s list (index = map index of ``import_dicom``)
+    :return: the image-set ids announced
     """
     from airflow.sdk import get_current_context
 
     context = get_current_context()
-    context["import_job_id"] = job_id  # type: ignore[typeddict-unknown-key]
-    ids = list(image_set_ids or [])
-    if not ids:
-        raise AirflowSkipException(f"Import job {job_id} produced no image sets: no asset event.")
-    extra: dict[str, Any] = {"datastoreId": datastore_id, "jobId": job_id, "imageSetIds": ids}
+    ti = context["ti"]
+    imports = []
+    for map_index, job in enumerate(started or []):
+        ids = ti.xcom_pull(task_ids=SEARCH_TASK_ID, key="imageSetIds", map_indexes=map_index)
+        if ids:
+            imports.append(
+                {"datastoreId": job["datastore_id"], "jobId": job["job_id"], "imageSetIds": list(ids)}
+            )
+    if not imports:
+        raise AirflowSkipException("No import of this run found image sets: no asset event.")
+    all_ids = [i for item in imports for i in item["imageSetIds"]]
+    extra: dict[str, Any] = {
+        "datastoreId": imports[0]["datastoreId"],
+        "jobIds": [item["jobId"] for item in imports],
+        "imageSetIds": all_ids,
+        "imports": imports,
+    }
     context["outlet_events"][IMAGE_SETS].extra = extra
-    return ids
+    log.info("Announced %d image set(s) of %d import(s)", len(all_ids), len(imports))
+    return all_ids
 
 
 @task_group(group_id=GROUP_ID)
 def import_dicom(
     datastore_id: str,
-    data_access_role_arn: str,
-    input_s3_uri: str,
-    output_s3_uri: str,
-    content_digest: str,
-    job_name: str | None,
-    client_token: str | None,
+    job_id: str,
     max_failed_files: int | None,
     max_results: int,
     include_phi: bool,
-    plan_index: int,
-    chunk_id: str,
+    phi_allow_tags: list[str],
 ) -> None:
-    """One import per chunk: start the job, wait for it (deferred), find its image sets, announce them."""
-    # [START howto_operator_start_dicom_import]
-    start = StartDICOMImportOperator(
-        task_id="start_import_job",
-        datastore_id=datastore_id,
-        data_access_role_arn=data_access_role_arn,
-        input_s3_uri=input_s3_uri,
-        output_s3_uri=output_s3_uri,
-        content_digest=content_digest,
-        job_name=job_name,
-        client_token=client_token,
-        wait_for_completion=False,
-        max_active_tis_per_dag=1,
-        pool=import_pool(),
-        priority_weight=1,
-        weight_rule="absolute",
-        execution_timeout=timedelta(minutes=10),
-        map_index_template="{{ task.input_s3_uri }}",
-    )
-    # [END howto_operator_start_dicom_import]
-    job_id: Any = start.output  # the job id, resolved per map index at run time
+    """One import job: wait for it (deferred), then find exactly its image sets."""
     # [START howto_sensor_dicom_import_job]
     wait = DICOMImportJobSensor(
         task_id="wait_for_import_job",
         datastore_id=datastore_id,
         job_id=job_id,
         deferrable=True,
-        poke_interval=poll_interval(),
+        poke_interval=config.poll_interval(),
         timeout=IMPORT_TIMEOUT.total_seconds(),
         max_failed_files=max_failed_files,
-        max_active_tis_per_dag=max_imports_in_flight(),
-        pool=import_pool(),
-        priority_weight=10,
-        weight_rule="absolute",
+        max_active_tis_per_dag=config.max_imports_in_flight(),
+        pool=config.import_pool(),
         execution_timeout=timedelta(minutes=30),
         map_index_template="{{ task.job_id }}",
     )
@@ -258,13 +301,12 @@ def import_dicom(
         all_pages=True,
         import_job_id=job_id,
         include_phi=include_phi,
+        phi_allow_tags=phi_allow_tags,
         execution_timeout=timedelta(minutes=30),
         map_index_template="{{ task.import_job_id }}",
     )
     # [END howto_operator_search_image_sets]
     wait >> search
-    image_set_ids: Any = XComArg(search, key="imageSetIds")
-    publish_image_sets(datastore_id, job_id, image_set_ids)
 
 
 @task(task_id="import_report", trigger_rule="all_done", execution_timeout=timedelta(hours=1), retries=2)
@@ -289,14 +331,18 @@ def import_report(chunks: list[dict[str, Any]] | None = None) -> list[dict[str, 
         raise AirflowFailException("plan_imports did not finish: no import was planned, nothing to report")
     s3 = S3Hook(aws_conn_id="aws_default").get_conn()
     hook = HealthImagingHook(aws_conn_id="aws_default")
+    job_ids = ti.xcom_pull(task_ids=START_TASK_ID, key="jobs") or [None] * len(chunks)
+    not_started = {
+        f["chunk_id"]: f["message"] for f in ti.xcom_pull(task_ids=START_TASK_ID, key="start_failures") or []
+    }
     jobs: dict[int, list[ChunkJob]] = {}
-    for map_index, chunk in enumerate(chunks):
-        job_id = ti.xcom_pull(task_ids=START_TASK_ID, map_indexes=map_index)
+    for chunk, job_id in zip(chunks, job_ids, strict=True):
         if job_id:
             properties = hook.get_import_job(chunk["datastore_id"], str(job_id))
             job = ChunkJob.from_job_properties(chunk["chunk_id"], properties)
         else:
-            job = ChunkJob(chunk["chunk_id"], message="StartDICOMImportJob did not succeed")
+            message = not_started.get(chunk["chunk_id"], "start_imports did not finish")
+            job = ChunkJob(chunk["chunk_id"], message=message[:500])
         jobs.setdefault(chunk["plan_index"], []).append(job)
 
     summaries = []
@@ -317,7 +363,9 @@ def import_report(chunks: list[dict[str, Any]] | None = None) -> list[dict[str, 
             log.warning(
                 "%d file(s) of %s failed to import (within max_failed_files)", failed, plan.input_s3_uri
             )
-    states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[context["run_id"]], task_group_id=GROUP_ID)
+    states = ti.get_task_states(
+        dag_id=ti.dag_id, run_ids=[context["run_id"]], task_ids=[START_TASK_ID], task_group_id=GROUP_ID
+    )
     unfinished = sorted(
         f"{task_id}[{map_index}]: {state}"
         for per_run in states.values()
@@ -346,7 +394,8 @@ def compose_imports(specs: Any) -> Any:
         ``client_token``, ``max_failed_files``, ``max_results``, ``include_phi``)
     """
     chunks: Any = plan_imports(specs)
-    imports = import_dicom.expand_kwargs(chunks)
+    started: Any = start_imports(chunks)
+    imports = import_dicom.expand_kwargs(started)
     report = import_report(chunks)
-    imports >> report
+    imports >> [publish_image_sets(started), report]
     return report

@@ -6,7 +6,7 @@ import hashlib
 import json
 import random
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from time import sleep
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from healthimaging.validation import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
     from airflow.sdk import Context
 
@@ -35,8 +35,6 @@ START_RETRY_CODES = frozenset({"ServiceQuotaExceededException", "ThrottlingExcep
 START_FATAL_CODES = frozenset(
     {"ValidationException", "ResourceNotFoundException", "ConflictException", "AccessDeniedException"}
 )
-PHI_TAGS = ("DICOMPatientName", "DICOMPatientId", "DICOMPatientBirthDate", "DICOMAccessionNumber")
-PHI_MASK = "***"
 #: Version of the client-token derivation; changing how tokens are derived must change it.
 TOKEN_SCHEME = "healthimaging-token/2"
 #: The most FAILED jobs one input walks past (each FAILED job moves the input to the next token).
@@ -257,6 +255,23 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         return default_client_token(request, scope)
 
     def execute(self, context: Context) -> str:
+        job_id, status = self.start_job(context, before_start=self._keep_pace if self.pace_starts else None)
+        return self._started(context, job_id, status)
+
+    def start_job(
+        self,
+        context: Context,
+        *,
+        state_key: str = STATE_KEY,
+        before_start: Callable[[], None] | None = None,
+    ) -> tuple[str, str]:
+        """Start this operator's job, or re-attach to it; no waiting, no XCom.
+
+        :param context: the running task's context (its ``task_state_store`` keeps the job across tries)
+        :param state_key: the ``task_state_store`` key of this job (one per job when a task starts several)
+        :param before_start: called before each StartDICOMImportJob call (to keep a pace)
+        :return: the job id and its status
+        """
         from healthimaging.hooks import import_job_states
 
         request = self._request(context)
@@ -264,18 +279,18 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         token = self._token(context, request)
         failure = import_job_states()["failure"]
         store = context.get("task_state_store")
-        stored = store.get(STATE_KEY) if store is not None else None
+        stored = store.get(state_key) if store is not None else None
         if isinstance(stored, dict) and stored.get("request") == digest and stored.get("jobId"):
             stored_job, stored_token = str(stored["jobId"]), str(stored["clientToken"])
             job = self.hook.get_import_job(self.datastore_id, stored_job)
             if job["jobStatus"] not in failure:
                 self.log.info("Re-attaching to DICOM import job %s (%s)", stored_job, job["jobStatus"])
-                return self._started(context, stored_job, job["jobStatus"])
+                return stored_job, str(job["jobStatus"])
             token = self._after_failed(stored_token, stored_job)
 
-        if self.pace_starts:
-            self._keep_pace()
         for _ in range(MAX_TOKEN_CHAIN):
+            if before_start is not None:
+                before_start()
             response = self._start_with_retries({**request, "clientToken": token})
             if response["jobStatus"] not in failure:
                 break
@@ -285,13 +300,13 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
                 f"{MAX_TOKEN_CHAIN} import jobs of {self.input_s3_uri} FAILED; fix the cause, then pass a new "
                 "client_token"
             )
-        job_id = response["jobId"]
+        job_id = str(response["jobId"])
         if store is not None:
-            store.set(STATE_KEY, {"jobId": job_id, "clientToken": token, "request": digest})
+            store.set(state_key, {"jobId": job_id, "clientToken": token, "request": digest})
         self.log.info(
             "DICOM import job %s is %s (job name %s)", job_id, response["jobStatus"], request["jobName"]
         )
-        return self._started(context, job_id, response["jobStatus"])
+        return job_id, str(response["jobStatus"])
 
     def _after_failed(self, token: str, job_id: str) -> str:
         if self.client_token:
@@ -384,10 +399,11 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         from airflow.providers.amazon.aws.utils.waiter_with_logging import wait
 
         from healthimaging.hooks import IMPORT_JOB_WAITER
+        from healthimaging.triggers import TransientTolerantWaiter
 
         try:
             wait(
-                waiter=self.hook.get_waiter(IMPORT_JOB_WAITER),
+                waiter=TransientTolerantWaiter(self.hook.get_waiter(IMPORT_JOB_WAITER)),  # type: ignore[arg-type]
                 waiter_delay=self.waiter_delay,
                 waiter_max_attempts=self.waiter_max_attempts,
                 args={"datastoreId": self.datastore_id, "jobId": job_id},
@@ -400,18 +416,13 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
             raise AirflowException(self.hook.failed_job_message(job)) from None
 
     def _check_completed(self, job_id: str) -> None:
-        from healthimaging.hooks import check_failed_files, import_job_states
+        from healthimaging.hooks import import_job_states
+        from healthimaging.sensors import check_completed_job
 
         job = self.hook.get_import_job(self.datastore_id, job_id)
         if job["jobStatus"] in import_job_states()["failure"]:
             raise AirflowException(self.hook.failed_job_message(job))
-        result = self.hook.completed_job_result(job)
-        if result is None:
-            self.log.warning("Manifest of import job %s not found; failed files not checked", job_id)
-            return
-        warning = check_failed_files(result, self.max_failed_files)
-        if warning:
-            self.log.warning("%s", warning)
+        check_completed_job(job, self.hook.completed_job_result(job), self.max_failed_files, self.log)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> str:
         from airflow.providers.amazon.aws.utils import validate_execute_complete_event
@@ -433,23 +444,32 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
     """
     Search the image sets of a data store, or list exactly the image sets one import job created or updated.
 
-    Returns (and pushes as XCom keys) ``imageSetIds``, ``firstImageSetId``, ``imageSetsMetadataSummaries``
-    and ``nextToken``. Patient identifiers in ``DICOMTags`` are masked unless ``include_phi`` is True;
-    search criteria are never logged.
+    Pushes XCom keys ``imageSetIds``, ``firstImageSetId``, ``imageSetsMetadataSummaries`` and ``nextToken``, each
+    once; ``return_value`` is not pushed (it would store the summaries a second time). Unless ``include_phi``, the
+    summaries' ``DICOMTags`` follow DICOM PS3.15 Annex E's Basic Application Level Confidentiality Profile
+    (:mod:`healthimaging.phi`, ``docs/phi.md``). Search criteria are never logged, and their values are redacted
+    from the rendered field Airflow stores and shows.
 
     Built on ``airflow.sdk.BaseOperator`` with :class:`~healthimaging.base.HealthImagingAwsMixin` rather than
     the Amazon provider's internal ``AwsBaseOperator`` (whose module imports boto3 and botocore at DAG parse
     time), with the same interface.
 
     :param datastore_id: the data store id (templated)
-    :param search_criteria: SearchImageSets ``searchCriteria``, a dict or a JSON string (templated)
+    :param search_criteria: SearchImageSets ``searchCriteria``, a dict or a JSON string (templated; its values are
+        redacted in the rendered field and masked in logs)
     :param max_results: page size, 1-50 (templated)
     :param import_job_id: return the image sets of this import job (from its output manifest) instead of
         searching the whole data store; with ``search_criteria``, only those the search matches, in the
         search's order (templated)
     :param all_pages: follow ``nextToken`` to the last page (default: first page only)
-    :param include_phi: keep patient name, id, birth date and accession number in XCom (templated; a
-        rendered ``"True"``/``"False"`` is parsed strictly)
+    :param include_phi: keep every DICOM tag unchanged in XCom (templated; a rendered ``"True"``/``"False"`` is
+        parsed strictly)
+    :param phi_allow_tags: ``DICOMTags`` members kept unchanged although ``include_phi`` is False, e.g.
+        ``["DICOMStudyInstanceUID", "DICOMSeriesInstanceUID"]`` (templated: a list, a JSON list or names
+        separated by commas)
+    :param max_image_set_lookups: in ``import_job_id`` mode, the most image sets of the manifest that the job's
+        window search may miss (updated again since the job, for example) and that are read one by one with
+        GetImageSet and GetImageSetMetadata; more fails the task (templated)
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates
@@ -457,11 +477,19 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
     """
 
     template_fields: Sequence[str] = aws_template_fields(
-        "datastore_id", "search_criteria", "max_results", "import_job_id", "include_phi"
+        "datastore_id",
+        "search_criteria",
+        "max_results",
+        "import_job_id",
+        "include_phi",
+        "phi_allow_tags",
+        "max_image_set_lookups",
     )
     template_fields_renderers = {"search_criteria": "json"}
     operator_extra_links = (HealthImagingDatastoreLink(),)
     ui_color = "#66c3ff"
+    #: Seconds added on both sides of the job's submittedAt..endedAt window (clock skew between API and store).
+    job_window_skew: float = 5.0
 
     def __init__(
         self,
@@ -472,6 +500,8 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         import_job_id: str | None = None,
         all_pages: bool = False,
         include_phi: bool = False,
+        phi_allow_tags: list[str] | str | None = None,
+        max_image_set_lookups: int | str = 100,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -481,17 +511,47 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         self.import_job_id = import_job_id
         self.all_pages = all_pages
         self.include_phi = include_phi
+        self.phi_allow_tags = phi_allow_tags
+        self.max_image_set_lookups = max_image_set_lookups
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def _do_render_template_fields(
+        self,
+        parent: Any,
+        template_fields: Iterable[str],
+        context: Context,
+        jinja_env: Any,
+        seen_oids: set[int],
+    ) -> None:
+        """Render as usual; then hold ``search_criteria`` so that Airflow stores and shows it redacted."""
+        from healthimaging.phi import RenderedSearchCriteria, mask_search_criteria
+
+        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)
+        if parent is self and not isinstance(self.search_criteria, RenderedSearchCriteria):
+            mask_search_criteria(self.search_criteria)
+            self.search_criteria = RenderedSearchCriteria(self.search_criteria)
+
+    def execute(self, context: Context) -> None:
+        from healthimaging.phi import (
+            mask_search_criteria,
+            new_uid_key,
+            parse_allow_tags,
+            unwrap_search_criteria,
+        )
+
         check_parameter("datastore_id", self.datastore_id)
         check_parameter("job_id", self.import_job_id or None, required=False)
         max_results = coerce_max_results(self.max_results)
-        criteria = parse_search_criteria(self.search_criteria)
+        given = unwrap_search_criteria(self.search_criteria)
+        mask_search_criteria(given)
+        criteria = parse_search_criteria(given)
         include_phi = coerce_bool("include_phi", self.include_phi)
         all_pages = coerce_bool("all_pages", self.all_pages)
+        allow_tags = parse_allow_tags(self.phi_allow_tags)
+        max_lookups = coerce_optional_count("max_image_set_lookups", self.max_image_set_lookups)
 
         if self.import_job_id:
-            summaries, next_token = self._import_job_image_sets(self.import_job_id, max_results), None
+            summaries = self._import_job_image_sets(self.import_job_id, max_results, max_lookups)
+            next_token = None
             if criteria:
                 summaries = self._matching(summaries, criteria, max_results)
         else:
@@ -503,7 +563,8 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
             aws_partition=self.hook.conn_partition,
             datastore_id=self.datastore_id,
         )
-        summaries = [_for_xcom(summary, include_phi) for summary in summaries]
+        uid_key = new_uid_key()
+        summaries = [_for_xcom(summary, include_phi, allow_tags, uid_key) for summary in summaries]
         ids = [summary["imageSetId"] for summary in summaries]
         result = {
             "imageSetIds": ids,
@@ -514,7 +575,6 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         self.log.info("Found %d image set(s) in data store %s", len(ids), self.datastore_id)
         for key, value in result.items():
             context["ti"].xcom_push(key=key, value=value)
-        return result
 
     def _search(
         self, criteria: dict[str, Any], max_results: int, all_pages: bool
@@ -524,7 +584,7 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
                 datastoreId=self.datastore_id, searchCriteria=criteria, maxResults=max_results
             )
             return list(response.get("imageSetsMetadataSummaries", [])), response.get("nextToken")
-        return self._search_all(criteria, max_results), None
+        return list(self._search_pages(criteria, max_results)), None
 
     def _matching(
         self, summaries: list[dict[str, Any]], criteria: dict[str, Any], max_results: int
@@ -532,32 +592,35 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         """The image sets among ``summaries`` that a search with ``criteria`` finds, in the search's order."""
         wanted = {summary["imageSetId"] for summary in summaries}
         matching: dict[str, dict[str, Any]] = {}
-        for summary in self._search_all(criteria, max_results):
+        for summary in self._search_pages(criteria, max_results):
             if summary["imageSetId"] in wanted:
                 matching.setdefault(summary["imageSetId"], summary)
+                if len(matching) == len(wanted):
+                    break
         self.log.info(
             "search_criteria matched %d of the import job's %d image set(s)", len(matching), len(wanted)
         )
         return list(matching.values())
 
-    def _search_all(self, criteria: dict[str, Any], max_results: int) -> list[dict[str, Any]]:
+    def _search_pages(self, criteria: dict[str, Any], max_results: int) -> Iterator[dict[str, Any]]:
+        """Summaries of every page of a search, read one page at a time (a caller may stop early)."""
         paginator = self.hook.conn.get_paginator("search_image_sets")
-        summaries: list[dict[str, Any]] = []
         for page in paginator.paginate(
             datastoreId=self.datastore_id,
             searchCriteria=criteria,
             PaginationConfig={"PageSize": max_results},
         ):
-            summaries.extend(page.get("imageSetsMetadataSummaries", []))
-        return summaries
+            yield from page.get("imageSetsMetadataSummaries", [])
 
-    def _import_job_image_sets(self, job_id: str, max_results: int) -> list[dict[str, Any]]:
+    def _import_job_image_sets(
+        self, job_id: str, max_results: int, max_lookups: int | None
+    ) -> list[dict[str, Any]]:
         """
-        Summaries of exactly the image sets in the job's output manifest.
+        Summaries of exactly the image sets in the job's output manifest, in the manifest's order.
 
-        One paginated search by ``updatedAt`` between the job's submission and end finds them in bulk;
-        image sets updated again since then are found by widening the window to now; any still
-        missing (e.g. deleted since) fall back to GetImageSet, which carries no DICOM tags.
+        One paginated search by ``updatedAt`` over the job's own window (``submittedAt`` to ``endedAt``, widened
+        by :attr:`job_window_skew`) finds them in bulk and stops once it has them all. Image sets it misses
+        (updated again since the job, or deleted) are read one by one, at most ``max_lookups`` of them.
         """
         from healthimaging.hooks import import_job_states
 
@@ -569,48 +632,79 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
             raise AirflowException(f"Output manifest of DICOM import job {job_id} was not found")
         wanted = list(dict.fromkeys(s["imageSetId"] for s in manifest.get("imageSetsSummary", [])))
         found: dict[str, dict[str, Any]] = {}
-        submitted_at = job.get("submittedAt")
-        if wanted and submitted_at is not None:
-            lower = submitted_at - timedelta(seconds=1)
-            uppers = [job["endedAt"] + timedelta(seconds=1)] if job.get("endedAt") else []
-            uppers.append(datetime.now(UTC) + timedelta(minutes=1))
-            for upper in uppers:
-                criteria = {
-                    "filters": [
-                        {"operator": "BETWEEN", "values": [{"updatedAt": lower}, {"updatedAt": upper}]}
-                    ]
-                }
-                for summary in self._search_all(criteria, max_results):
-                    if summary["imageSetId"] in wanted:
-                        found.setdefault(summary["imageSetId"], summary)
-                if len(found) == len(wanted):
-                    break
-        for image_set_id in wanted:
-            if image_set_id not in found:
-                found[image_set_id] = self._summary_from_image_set(image_set_id)
-        return [found[image_set_id] for image_set_id in wanted]
+        if wanted and job.get("submittedAt") is not None and job.get("endedAt") is not None:
+            skew = timedelta(seconds=self.job_window_skew)
+            window = [{"updatedAt": job["submittedAt"] - skew}, {"updatedAt": job["endedAt"] + skew}]
+            criteria = {"filters": [{"operator": "BETWEEN", "values": window}]}
+            remaining = set(wanted)
+            for summary in self._search_pages(criteria, max_results):
+                if summary["imageSetId"] in remaining:
+                    found[summary["imageSetId"]] = summary
+                    remaining.discard(summary["imageSetId"])
+                    if not remaining:
+                        break
+        missing = [image_set_id for image_set_id in wanted if image_set_id not in found]
+        if missing:
+            if max_lookups is not None and len(missing) > max_lookups:
+                raise AirflowException(
+                    f"{len(missing)} image set(s) of import job {job_id} are not in the search over the job's "
+                    f"window; reading them one by one would take more than max_image_set_lookups="
+                    f"{max_lookups} GetImageSet calls"
+                )
+            self.log.info(
+                "%d image set(s) of import job %s changed since the job: reading them one by one",
+                len(missing),
+                job_id,
+            )
+            for image_set_id in missing:
+                looked_up = self._summary_from_image_set(image_set_id)
+                if looked_up is not None:
+                    found[image_set_id] = looked_up
+        return [found[image_set_id] for image_set_id in wanted if image_set_id in found]
 
-    def _summary_from_image_set(self, image_set_id: str) -> dict[str, Any]:
-        image_set = self.hook.conn.get_image_set(datastoreId=self.datastore_id, imageSetId=image_set_id)
-        summary = {
-            "imageSetId": image_set_id,
-            "version": int(image_set["versionId"]),
-            "createdAt": image_set.get("createdAt"),
-            "updatedAt": image_set.get("updatedAt"),
-            "isPrimary": image_set.get("isPrimary"),
-        }
+    def _summary_from_image_set(self, image_set_id: str) -> dict[str, Any] | None:
+        """
+        A search summary's members for one image set, from GetImageSet and GetImageSetMetadata.
+
+        :return: None (and a warning) when the image set no longer exists
+        """
+        import gzip
+        import json
+
+        from botocore.exceptions import ClientError
+
+        from healthimaging.phi import SERVICE_MEMBERS, summary_tags_from_metadata
+
+        try:
+            image_set = self.hook.conn.get_image_set(datastoreId=self.datastore_id, imageSetId=image_set_id)
+            metadata = self.hook.conn.get_image_set_metadata(
+                datastoreId=self.datastore_id, imageSetId=image_set_id
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+                raise
+            self.log.warning("Image set %s of the import no longer exists: left out", image_set_id)
+            return None
+        if image_set.get("imageSetState") == "DELETED":
+            self.log.warning("Image set %s of the import was deleted: left out", image_set_id)
+            return None
+        blob = metadata["imageSetMetadataBlob"].read()
+        if metadata.get("contentEncoding") == "gzip":
+            blob = gzip.decompress(blob)
+        summary = {key: value for key, value in image_set.items() if key in SERVICE_MEMBERS}
+        summary["version"] = int(image_set["versionId"])
+        summary["DICOMTags"] = summary_tags_from_metadata(json.loads(blob))
         return {key: value for key, value in summary.items() if value is not None}
 
 
-def _for_xcom(summary: dict[str, Any], include_phi: bool) -> dict[str, Any]:
-    """ISO datetimes; patient identifiers in ``DICOMTags`` masked unless ``include_phi``."""
-    from healthimaging.hooks import to_iso
+def _for_xcom(
+    summary: dict[str, Any], include_phi: bool, allow_tags: frozenset[str], uid_key: bytes
+) -> dict[str, Any]:
+    """ISO datetimes; unless ``include_phi``, the Basic Profile of :mod:`healthimaging.phi` applied."""
+    from healthimaging.manifest import to_iso
+    from healthimaging.phi import deidentify_summary
 
     summary = to_iso(summary)
-    tags = summary.get("DICOMTags")
-    if not include_phi and isinstance(tags, dict):
-        summary["DICOMTags"] = {
-            key: (PHI_MASK if key in PHI_TAGS and value not in (None, "") else value)
-            for key, value in tags.items()
-        }
-    return summary
+    if include_phi:
+        return summary
+    return deidentify_summary(summary, allow_tags=allow_tags, uid_key=uid_key)

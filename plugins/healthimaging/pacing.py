@@ -6,15 +6,23 @@ SUBMITTED or IN_PROGRESS in the data store. A new job may start when fewer than 
 flight and the newest was submitted at least ``1 / start_rate`` seconds ago. Otherwise the start task defers for
 the time left (it holds no worker slot while it waits) and asks again.
 
-Two workers that ask at the same instant may both start: StartDICOMImportJob's documented burst (2) absorbs that,
+A task that starts many jobs (the import pipeline's ``start_imports``) waits in process with :class:`StartPacer`
+instead. Two workers that ask at the same instant may both start: StartDICOMImportJob's documented burst (2) absorbs that,
 and the operator's own backoff absorbs a ThrottlingException or ServiceQuotaExceededException beyond it.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 IN_FLIGHT_STATUSES = ("SUBMITTED", "IN_PROGRESS")
 #: Shortest and longest wait for a free slot (seconds): a job in flight takes minutes, so poll slowly then.
@@ -42,12 +50,9 @@ class StartPace:
     @classmethod
     def from_config(cls) -> StartPace:
         """The ``[healthimaging] start_rate`` and ``max_imports_in_flight`` settings."""
-        from airflow.sdk import conf
+        from healthimaging import config
 
-        return cls(
-            conf.getfloat("healthimaging", "start_rate", fallback=0.25),
-            conf.getint("healthimaging", "max_imports_in_flight", fallback=100),
-        )
+        return cls(config.start_rate(), config.max_imports_in_flight())
 
 
 def jobs_in_flight(client: Any, datastore_id: str, limit: int) -> tuple[int, datetime | None]:
@@ -93,3 +98,48 @@ def seconds_until_start(
     now = now or datetime.now(UTC)
     left = 1.0 / pace.start_rate - (now - newest).total_seconds()
     return max(MIN_WAIT, left) if left > 0 else 0.0
+
+
+class StartPacer:
+    """Block until the next StartDICOMImportJob call keeps the pace (for one task that starts many jobs).
+
+    Asks the service before each start (:func:`seconds_until_start`) and also spaces its own starts, so a listing
+    that lags a start just made cannot let two through at once.
+
+    :param client: a boto3 ``medical-imaging`` client
+    :param datastore_id: the data store
+    :param pace: the pace to keep
+    :param sleep: the sleep function (tests pass a fake)
+    :param clock: monotonic seconds (tests pass a fake)
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        datastore_id: str,
+        pace: StartPace,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.datastore_id = datastore_id
+        self.pace = pace
+        self.sleep = sleep
+        self.clock = clock
+        self._last: float | None = None
+
+    def __call__(self) -> None:
+        while True:
+            wait = seconds_until_start(self.client, self.datastore_id, self.pace)
+            if self._last is not None:
+                wait = max(wait, self._last + 1.0 / self.pace.start_rate - self.clock())
+            if wait <= 0:
+                break
+            if wait >= FULL_WAIT:
+                log.info(
+                    "Data store %s has %d imports in flight: waiting",
+                    self.datastore_id,
+                    self.pace.max_imports_in_flight,
+                )
+            self.sleep(wait)
+        self._last = self.clock()

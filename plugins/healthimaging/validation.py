@@ -1,8 +1,9 @@
 """
 Input checks for HealthImaging calls, run before any AWS call.
 
-Patterns and lengths come from the botocore service model of ``medical-imaging`` (the single source);
-botocore itself does not check ``pattern`` or ``max`` client-side.
+Patterns, lengths and enums come from :mod:`healthimaging.model_constraints`, generated from botocore's service
+model of ``medical-imaging`` (the single source; a test keeps the two in step); botocore itself does not check
+``pattern`` or ``max`` client-side.
 """
 
 from __future__ import annotations
@@ -10,43 +11,22 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from functools import cache
 from typing import Any
 
-# StartDICOMImportJob parameters (and GetDICOMImportJob's jobId) checked against the service model.
-_MODEL_MEMBERS = {
-    "datastore_id": ("StartDICOMImportJob", "datastoreId"),
-    "data_access_role_arn": ("StartDICOMImportJob", "dataAccessRoleArn"),
-    "input_s3_uri": ("StartDICOMImportJob", "inputS3Uri"),
-    "output_s3_uri": ("StartDICOMImportJob", "outputS3Uri"),
-    "job_name": ("StartDICOMImportJob", "jobName"),
-    "client_token": ("StartDICOMImportJob", "clientToken"),
-    "input_owner_account_id": ("StartDICOMImportJob", "inputOwnerAccountId"),
-    "job_id": ("GetDICOMImportJob", "jobId"),
-    "image_set_id": ("GetImageSet", "imageSetId"),
-}
+from healthimaging import model_constraints as model
+
 # Which operator each search attribute takes, and how many values that operator needs.
 _DATE_ATTRIBUTES = frozenset({"createdAt", "updatedAt", "DICOMStudyDateAndTime"})
 _OPERATOR_VALUE_COUNT = {"EQUAL": 1, "BETWEEN": 2}
 
 
-@cache
-def _service_model() -> Any:
-    import botocore.session
-
-    return botocore.session.get_session().get_service_model("medical-imaging")
-
-
-@cache
 def member_constraints(parameter: str) -> dict[str, Any]:
     """
     Return the model's ``pattern``/``min``/``max`` for one operator parameter.
 
     :param parameter: the snake_case parameter name (e.g. ``datastore_id``)
     """
-    operation, member = _MODEL_MEMBERS[parameter]
-    shape = _service_model().operation_model(operation).input_shape.members[member]
-    return {key: shape.metadata[key] for key in ("pattern", "min", "max") if key in shape.metadata}
+    return dict(model.MEMBERS[parameter])
 
 
 def check_parameter(parameter: str, value: Any, *, required: bool = True) -> None:
@@ -97,14 +77,15 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def check_output_outside_input(input_s3_uri: str, output_s3_uri: str) -> None:
+def check_output_outside_input(input_s3_uri: str, output_s3_uri: str, *, name: str = "output_s3_uri") -> None:
     """
     Refuse an output prefix equal to or inside the input prefix: the job would import its own outputs.
 
     The service lists the input as a plain key prefix and writes into ``<output>/<job folder>/``.
 
     :param input_s3_uri: the import input prefix
-    :param output_s3_uri: the import output prefix
+    :param output_s3_uri: the import output prefix (or another prefix written to, such as the staging prefix)
+    :param name: what ``output_s3_uri`` is, for the message
     """
     in_bucket, in_key = split_s3_uri(input_s3_uri)
     out_bucket, out_key = split_s3_uri(output_s3_uri)
@@ -113,8 +94,8 @@ def check_output_outside_input(input_s3_uri: str, output_s3_uri: str) -> None:
         out_folder.startswith(in_key) or out_key.rstrip("/") == in_key.rstrip("/")
     ):
         raise ValueError(
-            f"output_s3_uri {output_s3_uri!r} is equal to or inside input_s3_uri {input_s3_uri!r}: "
-            "the job would import its own output files; use a prefix outside the input"
+            f"{name} {output_s3_uri!r} is equal to or inside input_s3_uri {input_s3_uri!r}: "
+            "the job would import its own files; use a prefix outside the input"
         )
 
 
@@ -124,8 +105,7 @@ def coerce_max_results(value: Any) -> int:
 
     :param value: the value after templating
     """
-    operation = _service_model().operation_model("SearchImageSets")
-    rules = operation.input_shape.members["maxResults"].metadata
+    rules = model.MAX_RESULTS
     try:
         number = int(value)
     except (TypeError, ValueError):
@@ -165,8 +145,7 @@ def check_search_criteria(criteria: Mapping[str, Any]) -> None:
 
     :param criteria: the ``searchCriteria`` request member
     """
-    model = _service_model()
-    allowed_keys = set(model.shape_for("SearchCriteria").members)
+    allowed_keys = set(model.SEARCH_CRITERIA_MEMBERS)
     unknown = set(criteria) - allowed_keys
     if unknown:
         raise ValueError(
@@ -174,7 +153,7 @@ def check_search_criteria(criteria: Mapping[str, Any]) -> None:
         )
     filters = criteria.get("filters")
     if filters is not None:
-        limits = model.shape_for("SearchCriteria").members["filters"].metadata
+        limits = model.SEARCH_FILTERS
         if not isinstance(filters, list) or not limits["min"] <= len(filters) <= limits["max"]:
             raise ValueError(
                 f"search_criteria.filters must be a list of {limits['min']}-{limits['max']} filters"
@@ -183,26 +162,24 @@ def check_search_criteria(criteria: Mapping[str, Any]) -> None:
             _check_filter(index, search_filter)
     sort = criteria.get("sort")
     if sort is not None:
-        sort_shape = model.shape_for("Sort")
-        if not isinstance(sort, Mapping) or set(sort) != set(sort_shape.members):
-            raise ValueError(f"search_criteria.sort must have exactly the keys {sorted(sort_shape.members)}")
-        for key, member in sort_shape.members.items():
-            if sort[key] not in member.enum:
-                raise ValueError(f"search_criteria.sort.{key} must be one of {member.enum}")
+        if not isinstance(sort, Mapping) or set(sort) != set(model.SORT):
+            raise ValueError(f"search_criteria.sort must have exactly the keys {sorted(model.SORT)}")
+        for key, enum in model.SORT.items():
+            if sort[key] not in enum:
+                raise ValueError(f"search_criteria.sort.{key} must be one of {enum}")
 
 
 def _check_filter(index: int, search_filter: Any) -> None:
-    model = _service_model()
     where = f"search_criteria.filters[{index}]"
-    if not isinstance(search_filter, Mapping) or set(search_filter) != {"values", "operator"}:
+    if not isinstance(search_filter, Mapping) or set(search_filter) != set(model.SEARCH_FILTER_MEMBERS):
         raise ValueError(f"{where} must have exactly the keys 'operator' and 'values'")
     operator = search_filter["operator"]
-    if operator not in model.shape_for("Operator").enum:
-        raise ValueError(f"{where}.operator must be one of {model.shape_for('Operator').enum}")
+    if operator not in model.SEARCH_OPERATORS:
+        raise ValueError(f"{where}.operator must be one of {model.SEARCH_OPERATORS}")
     values = search_filter["values"]
     if not isinstance(values, list) or len(values) != _OPERATOR_VALUE_COUNT[operator]:
         raise ValueError(f"{where}: {operator} takes exactly {_OPERATOR_VALUE_COUNT[operator]} value(s)")
-    attributes = set(model.shape_for("SearchByAttributeValue").members)
+    attributes = set(model.SEARCH_ATTRIBUTES)
     names = set()
     for value in values:
         if not isinstance(value, Mapping) or len(value) != 1 or next(iter(value)) not in attributes:

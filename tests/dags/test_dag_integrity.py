@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from dag_test_helpers import DAGS, EXAMPLE_DAG_ID, IMPORT_DAG_ID, ROOT
 
+from healthimaging import params as hi_params
+
 DAG_FILES = sorted(p for p in DAGS.glob("*.py") if not p.name.startswith("_"))
 VALID_CONF: dict[str, Any] = {
     "datastore_id": "0123456789abcdef0123456789abcdef",
@@ -33,6 +35,9 @@ VALID_CONF: dict[str, Any] = {
     "max_results": 25,
     "include_phi": False,
     "max_failed_files": 0,
+    "staging_s3_uri": "s3://dicom-bucket/staging/",
+    "allow_empty": True,
+    "phi_allow_tags": ["DICOMStudyDate", "DICOMSeriesModality"],
 }
 
 #: (param, value) pairs the trigger form must refuse.
@@ -59,6 +64,11 @@ BAD_PARAM_VALUES: list[tuple[str, Any]] = [
     ("max_results", "50"),
     ("include_phi", "yes"),
     ("max_failed_files", -1),
+    ("staging_s3_uri", "file:///staging/"),
+    ("allow_empty", "yes"),
+    ("phi_allow_tags", ["PatientName"]),
+    ("phi_allow_tags", "DICOMStudyDate"),
+    ("phi_allow_tags", ["DICOMStudyDate", "DICOMStudyDate"]),
     ("search_criteria", []),
     ("search_criteria", {"filters": []}),
     ("search_criteria", {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientName": "x"}]}]}),
@@ -102,7 +112,9 @@ def test_dag_id_is_file_stem_and_documented(dagbag: Any, path: Any) -> None:
     assert dag is not None, f"{path.name} defines no DAG with dag_id {path.stem!r}"
     assert dag.fileloc == str(path)
     assert dag.tags, "every DAG needs tags"
-    assert dag.doc_md, "doc_md must be the module docstring"
+    assert dag.doc_md, "doc_md: the module docstring or the .md file next to the DAG file"
+    if path.with_suffix(".md").exists():
+        assert dag.doc_md == path.with_suffix(".md").read_text()
     assert dag.doc_md.strip().startswith("#"), "doc_md is Markdown with a title"
     assert (dag.default_args or {}).get("owner")
 
@@ -125,17 +137,14 @@ def test_import_dag_schedule_and_limits(dagbag: Any) -> None:
     assert dag.catchup is False
     assert dag.max_active_runs is not None
     assert dag.max_active_runs <= 16
-    start = dag.get_task("import_dicom.start_import_job")
+    start = dag.get_task("start_imports")
     wait = dag.get_task("import_dicom.wait_for_import_job")
-    assert start.max_active_tis_per_dag == 1
     # Jobs in flight are bounded across all DAGs by the start pace (healthimaging.pacing); the sensor's own cap
     # is the same setting, so the DAG never holds more sensors than the data store holds jobs.
     assert wait.max_active_tis_per_dag == 100
     assert dag.get_task("import_report").trigger_rule == "all_done"
     assert wait.deferrable is True
     assert 0 < wait.timeout <= 24 * 3600
-    assert start.pool == wait.pool
-    assert wait.priority_weight > start.priority_weight
     assert start.retry_exponential_backoff
 
 
@@ -212,16 +221,16 @@ class TestParams:
         with pytest.raises(ParamValidationError, match=name):
             self.validate(serialized_dag, {**VALID_CONF, name: value})
 
-    def test_search_criteria_schema_matches_the_service_model(self, import_dag_module: Any) -> None:
+    def test_search_criteria_schema_matches_the_service_model(self) -> None:
         """
-        The literal schema in the DAG follows the model: members, required members, list lengths, string lengths
-        and patterns, operators and sort enums.
+        The schema derived from the generated constraints follows botocore's model: members, required members,
+        list lengths, string lengths and patterns, operators and sort enums.
         """
         import botocore.session
 
         model = botocore.session.get_session().get_service_model("medical-imaging")
         criteria = model.shape_for("SearchCriteria")
-        schema = import_dag_module.PARAMS["search_criteria"].schema
+        schema = hi_params.PARAMS["search_criteria"].schema
         assert set(schema["properties"]) == set(criteria.members)
         filters_shape = criteria.members["filters"]
         filters = schema["properties"]["filters"]
@@ -269,42 +278,37 @@ class TestParams:
         for key, member in sort_shape.members.items():
             assert sort["properties"][key]["enum"] == member.enum, key
 
-    def test_every_param_explains_itself(self, dagbag: Any, import_dag_module: Any) -> None:
+    def test_every_param_explains_itself(self, dagbag: Any) -> None:
         from jsonschema import Draft7Validator
         from jsonschema.validators import validator_for
 
         params = dagbag.dags[IMPORT_DAG_ID].params
         for name in params:
             param = params.get_param(name)
-            assert len(param.description or "") > 20, name
+            assert len(param.schema.get("description_md") or "") > 20, name
             assert "type" in param.schema, name
             # Airflow's check (jsonschema.validate) picks the validator from $schema: draft 7, not 2020-12.
-            assert param.schema["$schema"] == import_dag_module.JSON_SCHEMA_DIALECT, name
+            assert param.schema["$schema"] == hi_params.JSON_SCHEMA_DIALECT, name
             assert validator_for(param.schema) is Draft7Validator, name
 
-    def test_serialized_params_keep_their_dialect(self, serialized_dag: Any, import_dag_module: Any) -> None:
+    def test_serialized_params_keep_their_dialect(self, serialized_dag: Any) -> None:
         """The API server and the trigger form check the serialized schemas, which still name draft 7."""
-        for name in import_dag_module.PARAMS:
-            assert (
-                serialized_dag.params.get_param(name).schema["$schema"]
-                == import_dag_module.JSON_SCHEMA_DIALECT
-            )
+        for name in hi_params.PARAMS:
+            assert serialized_dag.params.get_param(name).schema["$schema"] == hi_params.JSON_SCHEMA_DIALECT
 
     @pytest.mark.parametrize(
         ("name", "value", "valid"),
         [(name, value, False) for name, value in BAD_PARAM_VALUES]
         + [(name, value, True) for name, value in VALID_CONF.items()],
     )
-    def test_draft_2020_12_gives_the_same_verdict(
-        self, import_dag_module: Any, name: str, value: Any, valid: bool
-    ) -> None:
+    def test_draft_2020_12_gives_the_same_verdict(self, name: str, value: Any, valid: bool) -> None:
         """
         Without ``$schema`` jsonschema would check the same schema as draft 2020-12 (as Airflow did before the
         dialect was named): both drafts accept and refuse the same values.
         """
         from jsonschema import Draft7Validator, Draft202012Validator, FormatChecker
 
-        schema = import_dag_module.PARAMS[name].schema
+        schema = hi_params.PARAMS[name].schema
         without_dialect = {k: v for k, v in schema.items() if k != "$schema"}
         Draft7Validator.check_schema(schema)
         Draft202012Validator.check_schema(without_dialect)

@@ -21,6 +21,8 @@ import pytest
 import yaml
 from dag_test_helpers import IMPORT_DAG_ID, ROOT, load_dag_module, run_xcoms, task_states
 
+from healthimaging.params import WORKFLOW_INPUT_PARAMS
+
 WORKFLOW_PATH = ROOT / "docs/arazzo/amazon-healthimaging-import-dicom-and-search-workflow.yml"
 DATASTORE = "0123456789abcdef0123456789abcdef"
 ROLE_ARN = "arn:aws:iam::123456789012:role/HealthImagingImport"
@@ -29,13 +31,15 @@ TEMPLATE = "s3://dicom-bucket/incoming/{{ data_interval_start.strftime('%Y/%m/%d
 
 #: stepId -> (task id, operator class name). The operation each one calls is checked below.
 STEP_TASKS = {
-    "startImportJob": ("import_dicom.start_import_job", "StartDICOMImportOperator"),
+    # One task starts every chunk's job (a StartDICOMImportOperator per chunk, at the service's pace).
+    "startImportJob": ("start_imports", "StartDICOMImportOperator"),
     "pollImportJob": ("import_dicom.wait_for_import_job", "DICOMImportJobSensor"),
     "searchImageSets": ("import_dicom.search_image_sets", "SearchImageSetsOperator"),
 }
 #: workflow output -> (step's task, XCom key, key inside the value or None)
 OUTPUT_XCOMS = {
-    "jobId": ("import_dicom.start_import_job", "jobId", None),
+    # start_imports returns every started job; per import, the sensor's result names its job.
+    "jobId": ("import_dicom.wait_for_import_job", "return_value", "jobId"),
     "jobStatus": ("import_dicom.wait_for_import_job", "return_value", "jobStatus"),
     "firstImageSetId": ("import_dicom.search_image_sets", "firstImageSetId", None),
     "imageSetsMetadataSummaries": ("import_dicom.search_image_sets", "imageSetsMetadataSummaries", None),
@@ -45,6 +49,17 @@ OUTPUT_XCOMS = {
 def snake(name: str) -> str:
     """``inputS3Uri`` -> ``input_s3_uri``."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def step_operator(task: Any) -> type:
+    """The operator class that performs a step: the task's own, or, for ``start_imports``, the one it runs per chunk."""
+    if task.task_id == "start_imports":
+        from healthimaging import import_tasks
+        from healthimaging.operators import StartDICOMImportOperator
+
+        assert "StartDICOMImportOperator(" in inspect.getsource(import_tasks.start_imports.function)
+        return StartDICOMImportOperator
+    return type(task)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +80,9 @@ class TestMirrorsWorkflow:
         assert step_ids == list(STEP_TASKS)
         tasks = [dag.get_task(STEP_TASKS[step][0]) for step in step_ids]
         for task, (_, class_name) in zip(tasks, STEP_TASKS.values(), strict=True):
-            assert class_name in [cls.__name__ for cls in type(task).__mro__]
-            assert task.task_group.group_id == "import_dicom"
+            assert class_name in [cls.__name__ for cls in step_operator(task).__mro__]
+            if task.task_id != "start_imports":
+                assert task.task_group.group_id == "import_dicom"
         for upstream, downstream in zip(tasks, tasks[1:], strict=False):
             assert upstream.task_id in downstream.get_flat_relative_ids(upstream=True)
 
@@ -94,7 +110,7 @@ class TestMirrorsWorkflow:
             else:
                 source = "".join(
                     inspect.getsource(cls)
-                    for cls in type(task).__mro__
+                    for cls in step_operator(task).__mro__
                     if cls.__module__.startswith("healthimaging")
                 )
                 assert f".{method}(" in source or f'"{method}"' in source, (step["stepId"], method)
@@ -114,11 +130,9 @@ class TestMirrorsWorkflow:
             key = branch["type"] if branch["type"] == "end" else f"goto:{branch['stepId']}"
             assert acceptors[status] == expected[key], status
 
-    def test_a_param_per_workflow_input(
-        self, workflow: dict[str, Any], dag: Any, import_dag_module: Any
-    ) -> None:
+    def test_a_param_per_workflow_input(self, workflow: dict[str, Any], dag: Any) -> None:
         inputs = workflow["inputs"]["properties"]
-        assert import_dag_module.WORKFLOW_INPUT_PARAMS == {name: snake(name) for name in inputs}
+        assert WORKFLOW_INPUT_PARAMS == {name: snake(name) for name in inputs}
         for name in inputs:
             param = dag.params.get_param(snake(name))
             assert name in (param.schema.get("title") or ""), name
@@ -127,17 +141,20 @@ class TestMirrorsWorkflow:
     def test_step_requests_map_to_operator_arguments(self, workflow: dict[str, Any], dag: Any) -> None:
         """Every path parameter and payload member of a step is a templated argument of its task."""
         for step in workflow["steps"]:
-            task = dag.get_task(STEP_TASKS[step["stepId"]][0])
+            operator = step_operator(dag.get_task(STEP_TASKS[step["stepId"]][0]))
             names = [p["name"] for p in step.get("parameters", [])]
             names += list((step.get("requestBody") or {}).get("payload") or {})
             for name in names:
                 argument = snake(name)
-                assert argument in task.template_fields, (step["stepId"], argument)
+                assert argument in operator.template_fields, (step["stepId"], argument)
 
     def test_workflow_outputs_are_mapped(self, workflow: dict[str, Any]) -> None:
         assert set(workflow["outputs"]) == set(OUTPUT_XCOMS)
         for output, expression in workflow["outputs"].items():
             step = expression.split(".")[1]
+            if output == "jobId":  # the start step's job id, per import in the sensor's result
+                assert step == "startImportJob"
+                continue
             assert OUTPUT_XCOMS[output][0] == STEP_TASKS[step][0], output
 
     def test_source_description_is_kept_beside_the_workflow(self, workflow: dict[str, Any]) -> None:
@@ -152,124 +169,6 @@ class TestMirrorsWorkflow:
             if "operationId" in op
         }
         assert {step["operationId"] for step in workflow["steps"]} <= operations
-
-
-class TestResolveInputs:
-    """The pure resolution behind ``resolve_imports`` (the real-Airflow paths are tested further down)."""
-
-    @staticmethod
-    def variables(**overrides: str | None) -> Any:
-        values = {
-            "healthimaging_datastore_id": DATASTORE,
-            "healthimaging_data_access_role_arn": ROLE_ARN,
-            "healthimaging_output_s3_uri": OUTPUT,
-            "healthimaging_input_s3_uri_template": TEMPLATE,
-            **overrides,
-        }
-        return values.get
-
-    def test_scheduled_run_renders_the_template(self, import_dag_module: Any) -> None:
-        specs = import_dag_module.resolve_import_specs(
-            {}, self.variables(), lambda t: t.replace(TEMPLATE, "s3://bkt/x/")
-        )
-        assert [s["input_s3_uri"] for s in specs] == ["s3://bkt/x/"]
-        assert specs[0]["datastore_id"] == DATASTORE
-        assert specs[0]["data_access_role_arn"] == ROLE_ARN
-        assert specs[0]["output_s3_uri"] == OUTPUT
-        assert specs[0]["client_token"] is None
-
-    def test_params_win_and_prefixes_are_deduplicated(self, import_dag_module: Any) -> None:
-        params = {
-            "datastore_id": "f" * 32,
-            "input_s3_uri": "s3://dicom-bucket/a/",
-            "input_s3_uris": ["s3://dicom-bucket/a/", "s3://dicom-bucket/b/"],
-            "max_results": 10,
-            "max_failed_files": 2,
-            "include_phi": True,
-        }
-        specs = import_dag_module.resolve_import_specs(params, self.variables(), None)
-        assert [s["input_s3_uri"] for s in specs] == ["s3://dicom-bucket/a/", "s3://dicom-bucket/b/"]
-        assert {s["datastore_id"] for s in specs} == {"f" * 32}
-        assert {(s["max_results"], s["max_failed_files"], s["include_phi"]) for s in specs} == {(10, 2, True)}
-
-    def test_manual_run_without_interval_needs_a_prefix(self, import_dag_module: Any) -> None:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        with pytest.raises(AirflowFailException, match="no data interval.*input_s3_uri"):
-            import_dag_module.resolve_import_specs({}, self.variables(), None)
-
-    @pytest.mark.parametrize(
-        ("variable", "value", "match"),
-        [
-            ("healthimaging_datastore_id", None, "datastore_id is not set.*healthimaging_datastore_id"),
-            ("healthimaging_datastore_id", "NOT-AN-ID", "datastore_id from Variable"),
-            (
-                "healthimaging_data_access_role_arn",
-                "arn:aws:iam::1:role/x",
-                "data_access_role_arn from Variable",
-            ),
-            ("healthimaging_output_s3_uri", "/tmp/out", "output_s3_uri from Variable"),
-            ("healthimaging_input_s3_uri_template", None, "healthimaging_input_s3_uri_template"),
-            ("healthimaging_input_s3_uri_template", "file:///x", "input_s3_uri from Variable"),
-        ],
-    )
-    def test_bad_configuration_is_refused(
-        self, import_dag_module: Any, variable: str, value: Any, match: str
-    ) -> None:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        with pytest.raises(AirflowFailException, match=match):
-            import_dag_module.resolve_import_specs({}, self.variables(**{variable: value}), lambda t: t)
-
-    @pytest.mark.parametrize(
-        ("criteria", "match"),
-        [
-            (
-                {
-                    "filters": [
-                        {
-                            "operator": "BETWEEN",
-                            "values": [{"DICOMPatientId": "P1"}, {"DICOMPatientId": "P2"}],
-                        }
-                    ]
-                },
-                "BETWEEN applies only to",
-            ),
-            (
-                {"filters": [{"operator": "EQUAL", "values": [{"createdAt": 1}, {"createdAt": 2}]}]},
-                "EQUAL takes",
-            ),
-            ("{not json", "not valid JSON"),
-        ],
-    )
-    def test_search_criteria_checked_before_any_import(
-        self, import_dag_module: Any, criteria: Any, match: str
-    ) -> None:
-        """Criteria the schema lets through but the API refuses fail resolve_imports, naming no value."""
-        from airflow.sdk.exceptions import AirflowFailException
-
-        params = {"input_s3_uri": "s3://dicom-bucket/a/", "search_criteria": criteria}
-        with pytest.raises(
-            AirflowFailException, match=f"param search_criteria is invalid.*{match}"
-        ) as raised:
-            import_dag_module.resolve_import_specs(params, self.variables(), None)
-        assert "P1" not in str(raised.value)
-        good = {"filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": "P1"}]}]}
-        specs = import_dag_module.resolve_import_specs(
-            {**params, "search_criteria": good}, self.variables(), None
-        )
-        assert len(specs) == 1
-
-    def test_one_client_token_cannot_name_several_imports(self, import_dag_module: Any) -> None:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        params = {"client_token": "tok", "input_s3_uris": ["s3://dicom-bucket/a/", "s3://dicom-bucket/b/"]}
-        with pytest.raises(AirflowFailException, match="client_token"):
-            import_dag_module.resolve_import_specs(params, self.variables(), None)
-        single = import_dag_module.resolve_import_specs(
-            {**params, "input_s3_uris": ["s3://dicom-bucket/a/"]}, self.variables(), None
-        )
-        assert single[0]["client_token"] == "tok"
 
 
 BUCKET = "e2e-dicom"
@@ -345,7 +244,9 @@ def test_end_to_end_workflow_outputs_in_xcom(
         assert outputs["firstImageSetId"] == ids[0]
         assert [s["imageSetId"] for s in outputs["imageSetsMetadataSummaries"]] == ids
         for summary in outputs["imageSetsMetadataSummaries"]:  # include_phi defaults to False
-            assert summary.get("DICOMTags", {}).get("DICOMPatientName") in (None, "***")
+            assert summary.get("DICOMTags", {}).get("DICOMPatientName") in (None, "")
+        # the summaries are written once: under the workflow's name, not again in return_value (issue 12)
+        assert ("import_dicom.search_image_sets", map_index, "return_value") not in xcoms
         assert not seen & set(ids)
         seen |= set(ids)
 
@@ -355,11 +256,15 @@ def test_end_to_end_workflow_outputs_in_xcom(
 
     with create_session() as session:
         events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run.run_id)).all()
-        extras = sorted((e.extra for e in events), key=lambda e: e["jobId"])
-    jobs = sorted(xcoms[("import_dicom.start_import_job", i, "jobId")] for i in range(len(prefixes)))
-    assert [e["jobId"] for e in extras] == jobs
-    assert all(e["datastoreId"] == datastore_id for e in extras)
-    assert {i for e in extras for i in e["imageSetIds"]} == seen
+        extras = [e.extra for e in events]
+    # One event per run (events of one task reach a consumer's run together), one entry per import in it.
+    assert len(extras) == 1
+    jobs = sorted(j["job_id"] for j in xcoms[("start_imports", -1, "return_value")])
+    assert sorted(extras[0]["jobIds"]) == jobs
+    assert sorted(item["jobId"] for item in extras[0]["imports"]) == jobs
+    assert extras[0]["datastoreId"] == datastore_id
+    assert set(extras[0]["imageSetIds"]) == seen
+    assert {i for item in extras[0]["imports"] for i in item["imageSetIds"]} == seen
 
 
 @pytest.mark.slow
@@ -379,7 +284,7 @@ def test_nightly_run_imports_its_data_intervals_prefix(
     xcoms = run_xcoms(IMPORT_DAG_ID, run.run_id)
     specs = xcoms[("resolve_imports", -1, "return_value")]
     assert [s["input_s3_uri"] for s in specs] == [f"s3://{BUCKET}/incoming/2025/01/30/"]
-    job_id = xcoms[("import_dicom.start_import_job", 0, "jobId")]
+    job_id = xcoms[("start_imports", -1, "return_value")][0]["job_id"]
     job = mi.get_dicom_import_job(datastoreId=datastore_id, jobId=job_id)["jobProperties"]
     assert job["inputS3Uri"] == f"s3://{BUCKET}/incoming/2025/01/30/"
     assert sorted(xcoms[("import_dicom.search_image_sets", 0, "imageSetIds")]) == sorted(
@@ -388,10 +293,18 @@ def test_nightly_run_imports_its_data_intervals_prefix(
 
 
 @pytest.mark.timeout(300)
-def test_manual_run_without_logical_date_or_prefix_is_refused(
-    airflow_db: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "conf",
+    [{}, {"input_s3_uri": "s3://dicom-bucket/"}],
+    ids=["no-prefix-no-interval", "input-contains-output"],
+)
+def test_manual_run_that_resolve_refuses_fails_at_once(
+    airflow_db: Path, monkeypatch: pytest.MonkeyPatch, conf: dict[str, Any]
 ) -> None:
-    """Nothing names a prefix and there is no data interval: resolve_imports fails and nothing is imported."""
+    """
+    The run is created; resolve_imports fails on its first try (no retry) and nothing else runs: no prefix and no
+    data interval, or an input prefix that contains the output prefix (issue 12 items 2 and 7).
+    """
     monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_DATASTORE_ID", DATASTORE)
     monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_DATA_ACCESS_ROLE_ARN", ROLE_ARN)
     monkeypatch.setenv("AIRFLOW_VAR_HEALTHIMAGING_OUTPUT_S3_URI", OUTPUT)
@@ -401,11 +314,13 @@ def test_manual_run_without_logical_date_or_prefix_is_refused(
         json.dumps({"conn_type": "aws", "extra": {"endpoint_url": "http://127.0.0.1:9"}}),
     )
     dag = load_dag_module(IMPORT_DAG_ID).dag
-    run = dag.test(logical_date=None, run_conf={})
+    run = dag.test(logical_date=None, run_conf=conf)
     assert run.state == "failed"
     states = task_states(run)
     assert states[("resolve_imports", -1)] == "failed"
     assert [key for key, state in states.items() if key[0] != "resolve_imports" and state == "success"] == []
+    (resolve,) = [ti for ti in run.get_task_instances() if ti.task_id == "resolve_imports"]
+    assert resolve.try_number == 1
 
 
 def test_example_dag_reads_ids_from_asset_events(dagbag: Any) -> None:
@@ -417,7 +332,15 @@ def test_example_dag_reads_ids_from_asset_events(dagbag: Any) -> None:
         SimpleNamespace(extra={"datastoreId": DATASTORE, "jobId": "j1", "imageSetIds": ["a" * 32, "b" * 32]}),
         SimpleNamespace(extra={"datastoreId": DATASTORE, "jobId": "j2", "imageSetIds": []}),
         SimpleNamespace(extra=None),
+        SimpleNamespace(
+            extra={
+                "datastoreId": DATASTORE,
+                "imageSetIds": ["c" * 32],
+                "imports": [{"datastoreId": DATASTORE, "jobId": "j3", "imageSetIds": ["c" * 32]}],
+            }
+        ),
     ]
     assert module.new_image_sets(events) == [
-        {"datastoreId": DATASTORE, "jobId": "j1", "imageSetIds": ["a" * 32, "b" * 32]}
+        {"datastoreId": DATASTORE, "jobId": "j1", "imageSetIds": ["a" * 32, "b" * 32]},
+        {"datastoreId": DATASTORE, "jobId": "j3", "imageSetIds": ["c" * 32]},
     ]

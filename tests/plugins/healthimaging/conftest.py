@@ -331,6 +331,44 @@ def running_endpoint(
         yield live
 
 
+def run_dag_test(tmp_path: Any, dag_source: str, runner: str, **env: str) -> tuple[dict[str, Any], str]:
+    """
+    Run ``runner`` (a script that calls ``dag.test()`` and prints ``RESULT <json>``) in a fresh Python process with
+    ``dag_source`` as its only DAG file and an AIRFLOW_HOME of its own, against ``AIRFLOW_CONN_AWS_DEFAULT``.
+
+    :param env: more environment variables (for the DAG file)
+    :return: the RESULT object (its ``state`` checked to be success) and the process's output (task logs included)
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "dags").mkdir()
+    (tmp_path / "dags" / "dag_under_test.py").write_text(textwrap.dedent(dag_source))
+    child_env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "AWS_"))}
+    child_env |= {
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(tmp_path / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW_CONN_AWS_DEFAULT": os.environ["AIRFLOW_CONN_AWS_DEFAULT"],
+        **env,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", runner],
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["state"] == "success", done.stdout[-3000:]
+    return result, output
+
+
 @pytest.fixture
 def live(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Live]:
     """A local endpoint whose import jobs stay IN_PROGRESS for 3 s, with a data store and buckets ``input``/``output``."""

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from unittest import mock
 
 import pytest
@@ -43,7 +39,10 @@ with DAG("healthimaging_classes", schedule=None):
         timeout=120,
     )
     search = SearchImageSetsOperator(
-        task_id="search", datastore_id=DATASTORE_ID, import_job_id="{{ ti.xcom_pull(task_ids='start') }}"
+        task_id="search",
+        datastore_id=DATASTORE_ID,
+        import_job_id="{{ ti.xcom_pull(task_ids='start') }}",
+        phi_allow_tags="{{ ['DICOMSeriesInstanceUID'] | tojson }}",
     )
     start >> wait >> search
 """
@@ -69,31 +68,13 @@ print("RESULT " + json.dumps({"state": str(run.state), "xcoms": xcoms, "task_sta
 
 
 @pytest.mark.slow
-def test_start_wait_search_in_dag_test(live, tmp_path) -> None:
+def test_start_wait_search_in_dag_test(live, tmp_path, kit) -> None:
     series = live.upload("study", series_per_study=2)
-    (tmp_path / "dags").mkdir()
-    (tmp_path / "dags" / "healthimaging_classes.py").write_text(textwrap.dedent(DAG_FILE))
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "AWS_"))} | {
-        "AIRFLOW_HOME": str(tmp_path / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(tmp_path / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW_CONN_AWS_DEFAULT": os.environ["AIRFLOW_CONN_AWS_DEFAULT"],
-        "TEST_DATASTORE_ID": live.datastore_id,
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(lines[-1].removeprefix("RESULT "))
-    assert result["state"] == "success", done.stdout[-3000:]
+    result, _ = kit.run_dag_test(tmp_path, DAG_FILE, RUNNER, TEST_DATASTORE_ID=live.datastore_id)
     xcoms = result["xcoms"]
     job_id = xcoms["start.return_value"]
     assert xcoms["start.jobStatus"] == "SUBMITTED"
-    assert not {"start.jobId", "start.submittedAt", "start.datastoreId"} & set(xcoms)
-    assert xcoms["start._link_HealthImagingImportJobLink"].endswith(
-        f"/data-stores/{live.datastore_id}/import-jobs/{job_id}"
-    )
+    assert not {"start.jobId", "start.submittedAt", "start.datastoreId"} & set(xcoms)  # the job id once
     # the job is kept in Airflow's own task_state_store, where a retry or a clear finds it
     stored = result["task_state"]["start.healthimaging_import_job"]
     assert (json.loads(stored) if isinstance(stored, str) else stored) == {
@@ -101,9 +82,14 @@ def test_start_wait_search_in_dag_test(live, tmp_path) -> None:
         "clientToken": mock.ANY,
         "request": mock.ANY,
     }
+    assert xcoms["start._link_HealthImagingImportJobLink"].endswith(
+        f"/data-stores/{live.datastore_id}/import-jobs/{job_id}"
+    )
     assert xcoms["wait.return_value"]["jobStatus"] == "COMPLETED"
     assert xcoms["wait.return_value"]["numberOfImportedFiles"] == 4
     summaries = xcoms["search.imageSetsMetadataSummaries"]
     assert {s["DICOMTags"]["DICOMSeriesInstanceUID"] for s in summaries} == series
-    assert all(s["DICOMTags"]["DICOMPatientId"] == "***" for s in summaries)
+    assert all(s["DICOMTags"]["DICOMPatientId"] == "" for s in summaries)  # Annex E: Z
+    assert all(s["DICOMTags"]["DICOMStudyInstanceUID"].startswith("2.25.") for s in summaries)  # U
+    assert "search.return_value" not in xcoms  # the summaries are stored once
     assert [job["jobId"] for job in live.jobs()] == [job_id]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from unittest import mock
 
 import jinja2
@@ -520,6 +521,12 @@ def _search(kit, **kwargs) -> SearchImageSetsOperator:
     return SearchImageSetsOperator(task_id="search", datastore_id=kit.DATASTORE_ID, **kwargs)
 
 
+def _run(operator: SearchImageSetsOperator, context) -> dict:
+    """Execute; return the XComs it pushed (it returns nothing, so no ``return_value`` repeats them)."""
+    assert operator.execute(context) is None
+    return context["ti"].pushed
+
+
 IDS = ["a" * 32, "b" * 32, "c" * 32]
 
 
@@ -530,13 +537,24 @@ def test_search_first_page_masks_phi(stubber, kit, context) -> None:
         {"imageSetsMetadataSummaries": [_summary(IDS[0]), _summary(IDS[1])], "nextToken": "tok2"},
         {"datastoreId": kit.DATASTORE_ID, "searchCriteria": criteria, "maxResults": 10},
     )
-    result = _search(kit, search_criteria=json.dumps(criteria), max_results="10").execute(context)
+    result = _run(_search(kit, search_criteria=json.dumps(criteria), max_results="10"), context)
+    assert sorted(result) == [
+        "firstImageSetId",
+        "healthimaging_datastore",  # the extra link
+        "imageSetIds",
+        "imageSetsMetadataSummaries",
+        "nextToken",
+    ]
     assert result["imageSetIds"] == IDS[:2]
     assert result["firstImageSetId"] == IDS[0]
     assert result["nextToken"] == "tok2"
     tags = result["imageSetsMetadataSummaries"][0]["DICOMTags"]
-    assert tags["DICOMPatientName"] == tags["DICOMPatientId"] == "***"
-    assert tags["DICOMSeriesInstanceUID"] == "1.2.3.4"
+    assert tags["DICOMPatientName"] == tags["DICOMPatientId"] == ""
+    # Annex E action U: a replacement UID, the same for both summaries of this search (same series)
+    uids = {s["DICOMTags"]["DICOMSeriesInstanceUID"] for s in result["imageSetsMetadataSummaries"]}
+    (uid,) = uids
+    assert uid.startswith("2.25.")
+    assert "1.2.3.4" not in uid
     assert result["imageSetsMetadataSummaries"][0]["createdAt"] == "2025-03-01T12:00:10+00:00"
     pushed = json.dumps(context["ti"].pushed)
     for value in ("DOE^JANE", "PID-12345", "19700101", "ACC-999"):
@@ -546,7 +564,7 @@ def test_search_first_page_masks_phi(stubber, kit, context) -> None:
 
 def test_search_include_phi(stubber, kit, context) -> None:
     stubber.add_response("search_image_sets", {"imageSetsMetadataSummaries": [_summary(IDS[0])]})
-    result = _search(kit, include_phi=True).execute(context)
+    result = _run(_search(kit, include_phi=True), context)
     assert result["imageSetsMetadataSummaries"][0]["DICOMTags"]["DICOMPatientName"] == "DOE^JANE"
     assert result["nextToken"] is None
 
@@ -564,8 +582,8 @@ def test_search_never_logs_criteria_or_phi(stubber, kit, context) -> None:
 
 def test_search_templated_include_phi_string_false_still_masks(stubber, kit, context) -> None:
     stubber.add_response("search_image_sets", {"imageSetsMetadataSummaries": [_summary(IDS[0])]})
-    result = _search(kit, include_phi="False").execute(context)
-    assert result["imageSetsMetadataSummaries"][0]["DICOMTags"]["DICOMPatientName"] == "***"
+    result = _run(_search(kit, include_phi="False"), context)
+    assert result["imageSetsMetadataSummaries"][0]["DICOMTags"]["DICOMPatientName"] == ""
 
 
 def test_search_all_pages(stubber, kit, context) -> None:
@@ -577,7 +595,7 @@ def test_search_all_pages(stubber, kit, context) -> None:
         {"imageSetsMetadataSummaries": [_summary(IDS[1])]},
         {"datastoreId": kit.DATASTORE_ID, "searchCriteria": {}, "maxResults": 1, "nextToken": "t2"},
     )
-    result = _search(kit, all_pages=True, max_results=1).execute(context)
+    result = _run(_search(kit, all_pages=True, max_results=1), context)
     assert result["imageSetIds"] == IDS[:2]
     assert result["nextToken"] is None
 
@@ -594,6 +612,10 @@ def test_search_all_pages(stubber, kit, context) -> None:
             "exactly one key",
         ),
         ({"import_job_id": "NOT VALID"}, "job_id"),
+        ({"phi_allow_tags": ["PatientName"]}, "phi_allow_tags names unknown DICOMTags member"),
+        ({"phi_allow_tags": "[DICOMStudyDate"}, "phi_allow_tags is not a JSON list"),
+        ({"max_image_set_lookups": "many"}, "max_image_set_lookups"),
+        ({"max_image_set_lookups": -1}, "max_image_set_lookups"),
     ],
 )
 def test_search_validation_before_any_call(stubber, kit, context, kwargs, message) -> None:
@@ -610,7 +632,8 @@ def test_search_template_rendering(kit, context) -> None:
     )
     context["params"] = {"criteria": {"filters": []}, "n": 5, "job": "abc"}
     op.render_template_fields(context, jinja_env=jinja2.Environment())
-    assert json.loads(op.search_criteria) == {"filters": []}
+    # the operator keeps the rendered criteria; what Airflow stores of them is redacted (see test_phi.py)
+    assert json.loads(op.search_criteria.value) == {"filters": []}
     assert op.max_results == "5"
     assert op.import_job_id == "abc"
 
@@ -625,8 +648,8 @@ def test_search_import_job_returns_exactly_the_manifest_image_sets(stubber, s3, 
                 {
                     "operator": "BETWEEN",
                     "values": [
-                        {"updatedAt": kit.SUBMITTED_AT - timedelta(seconds=1)},
-                        {"updatedAt": kit.ENDED_AT + timedelta(seconds=1)},
+                        {"updatedAt": kit.SUBMITTED_AT - timedelta(seconds=5)},
+                        {"updatedAt": kit.ENDED_AT + timedelta(seconds=5)},
                     ],
                 }
             ]
@@ -639,7 +662,7 @@ def test_search_import_job_returns_exactly_the_manifest_image_sets(stubber, s3, 
         {"imageSetsMetadataSummaries": [_summary(IDS[2]), _summary(IDS[1]), _summary(IDS[0])]},
         window,
     )
-    result = _search(kit, import_job_id=kit.JOB_ID).execute(context)
+    result = _run(_search(kit, import_job_id=kit.JOB_ID), context)
     assert result["imageSetIds"] == IDS[:2]
     assert [s["imageSetId"] for s in result["imageSetsMetadataSummaries"]] == IDS[:2]
 
@@ -663,21 +686,27 @@ def test_search_import_job_with_criteria_keeps_the_jobs_matching_image_sets(
         {"datastoreId": kit.DATASTORE_ID, "searchCriteria": criteria, "maxResults": 50},
     )
     with mock.patch.object(SearchImageSetsOperator, "log", new_callable=mock.PropertyMock) as log:
-        result = _search(kit, import_job_id=kit.JOB_ID, search_criteria=json.dumps(criteria)).execute(context)
+        result = _run(_search(kit, import_job_id=kit.JOB_ID, search_criteria=json.dumps(criteria)), context)
     assert result["imageSetIds"] == [IDS[0]]
     assert result["firstImageSetId"] == IDS[0]
     assert "1.2.3.4" not in str(log.return_value.mock_calls)
 
 
 def test_templated_include_phi_and_max_failed_files(kit, context) -> None:
-    search = _search(kit, include_phi="{{ params.phi }}")
+    search = _search(
+        kit,
+        include_phi="{{ params.phi }}",
+        phi_allow_tags="{{ params.allow | tojson }}",
+        max_image_set_lookups="{{ params.lookups }}",
+    )
     start = _operator(kit, max_failed_files="{{ params.max_failed }}")
     assert "include_phi" in search.template_fields
     assert "max_failed_files" in start.template_fields
-    context["params"] = {"phi": True, "max_failed": 2}
+    context["params"] = {"phi": True, "max_failed": 2, "allow": ["DICOMStudyDate"], "lookups": 7}
     search.render_template_fields(context, jinja_env=jinja2.Environment())
     start.render_template_fields(context, jinja_env=jinja2.Environment())
     assert (search.include_phi, start.max_failed_files) == ("True", "2")
+    assert (search.phi_allow_tags, search.max_image_set_lookups) == ('["DICOMStudyDate"]', "7")
 
 
 def test_aws_arguments_come_from_default_args_and_build_the_hook(kit) -> None:
@@ -709,11 +738,57 @@ def test_aws_arguments_come_from_default_args_and_build_the_hook(kit) -> None:
         StartDICOMImportOperator.partial(task_id="typo", aws_con_id="x")
 
 
-def test_search_import_job_falls_back_for_image_sets_outside_the_window(stubber, s3, kit, context) -> None:
+def _metadata_response(patient_id: str, series_uid: str) -> dict:
+    import gzip
+    import io
+
+    from botocore.response import StreamingBody
+
+    document = {
+        "SchemaVersion": "1.1",
+        "Patient": {"DICOM": {"PatientID": patient_id, "PatientName": "DOE^JANE", "PatientSex": "F"}},
+        "Study": {
+            "DICOM": {
+                "StudyInstanceUID": "1.2.3",
+                "StudyDescription": "CT DOE JANE",
+                "StudyDate": "20250301",
+            },
+            "Series": {
+                series_uid: {
+                    "DICOM": {"SeriesInstanceUID": series_uid, "Modality": "CT", "SeriesNumber": "7"},
+                    "Instances": {"1.2.3.4.1": {}, "1.2.3.4.2": {}},
+                }
+            },
+        },
+    }
+    blob = gzip.compress(json.dumps(document).encode())
+    return {
+        "imageSetMetadataBlob": StreamingBody(io.BytesIO(blob), len(blob)),
+        "contentType": "application/json",
+        "contentEncoding": "gzip",
+    }
+
+
+def _expect_window_search(stubber, kit, *summaries: dict) -> None:
+    """The one search over the job's own window (submittedAt..endedAt with the skew), never widened to now."""
+    skew = timedelta(seconds=SearchImageSetsOperator.job_window_skew)
+    window = [{"updatedAt": kit.SUBMITTED_AT - skew}, {"updatedAt": kit.ENDED_AT + skew}]
+    stubber.add_response(
+        "search_image_sets",
+        {"imageSetsMetadataSummaries": list(summaries)},
+        {
+            "datastoreId": kit.DATASTORE_ID,
+            "searchCriteria": {"filters": [{"operator": "BETWEEN", "values": window}]},
+            "maxResults": 50,
+        },
+    )
+
+
+def test_search_import_job_reads_image_sets_outside_the_window_one_by_one(stubber, s3, kit, context) -> None:
     kit.put_job_outputs(s3, kit.manifest(image_set_ids=(IDS[0], IDS[1])))
     _expect_job(stubber, kit, "COMPLETED")
-    stubber.add_response("search_image_sets", {"imageSetsMetadataSummaries": [_summary(IDS[0])]})
-    stubber.add_response("search_image_sets", {"imageSetsMetadataSummaries": [_summary(IDS[0])]})
+    _expect_window_search(stubber, kit, _summary(IDS[0]))
+    by_id = {"datastoreId": kit.DATASTORE_ID, "imageSetId": IDS[1]}
     stubber.add_response(
         "get_image_set",
         {
@@ -721,17 +796,68 @@ def test_search_import_job_falls_back_for_image_sets_outside_the_window(stubber,
             "imageSetId": IDS[1],
             "versionId": "2",
             "imageSetState": "ACTIVE",
+            "imageSetArn": "arn:aws:medical-imaging:us-east-1:123456789012:datastore/x/imageset/y",
             "createdAt": kit.SUBMITTED_AT,
+            "updatedAt": kit.ENDED_AT,
+            "isPrimary": True,
         },
-        {"datastoreId": kit.DATASTORE_ID, "imageSetId": IDS[1]},
+        by_id,
     )
-    result = _search(kit, import_job_id=kit.JOB_ID).execute(context)
+    stubber.add_response("get_image_set_metadata", _metadata_response("PID-12345", "1.2.3.5"), by_id)
+    result = _run(_search(kit, import_job_id=kit.JOB_ID, include_phi=True), context)
     assert result["imageSetIds"] == IDS[:2]
-    assert result["imageSetsMetadataSummaries"][1] == {
-        "imageSetId": IDS[1],
-        "version": 2,
-        "createdAt": kit.SUBMITTED_AT.isoformat(),
+    searched, looked_up = result["imageSetsMetadataSummaries"]
+    assert sorted(looked_up) == sorted(searched)  # the same shape on both paths
+    assert looked_up["version"] == 2
+    assert looked_up["DICOMTags"] == {
+        "DICOMPatientId": "PID-12345",
+        "DICOMPatientName": "DOE^JANE",
+        "DICOMPatientSex": "F",
+        "DICOMStudyInstanceUID": "1.2.3",
+        "DICOMStudyDescription": "CT DOE JANE",
+        "DICOMStudyDate": "20250301",
+        "DICOMSeriesInstanceUID": "1.2.3.5",
+        "DICOMSeriesModality": "CT",
+        "DICOMSeriesNumber": 7,
+        "DICOMNumberOfStudyRelatedSeries": 1,
+        "DICOMNumberOfStudyRelatedInstances": 2,
     }
+
+
+def test_search_import_job_one_by_one_reads_are_limited(stubber, s3, kit, context) -> None:
+    kit.put_job_outputs(s3, kit.manifest(image_set_ids=tuple(IDS)))
+    _expect_job(stubber, kit, "COMPLETED")
+    _expect_window_search(stubber, kit, _summary(IDS[0]))
+    with pytest.raises(AirflowException, match=r"2 image set\(s\).*max_image_set_lookups=1"):
+        _search(kit, import_job_id=kit.JOB_ID, max_image_set_lookups="1").execute(context)
+    assert context["ti"].pushed == {}
+
+
+def test_search_import_job_leaves_out_deleted_image_sets(stubber, s3, kit, context) -> None:
+    kit.put_job_outputs(s3, kit.manifest(image_set_ids=(IDS[0], IDS[1])))
+    _expect_job(stubber, kit, "COMPLETED")
+    _expect_window_search(stubber, kit, _summary(IDS[0]))
+    stubber.add_client_error("get_image_set", "ResourceNotFoundException", http_status_code=404)
+    result = _run(_search(kit, import_job_id=kit.JOB_ID), context)
+    assert result["imageSetIds"] == [IDS[0]]
+
+
+def test_search_import_job_window_search_stops_once_all_are_found(stubber, s3, kit, context) -> None:
+    kit.put_job_outputs(s3, kit.manifest(image_set_ids=(IDS[0],)))
+    _expect_job(stubber, kit, "COMPLETED")
+    skew = timedelta(seconds=SearchImageSetsOperator.job_window_skew)
+    window = [{"updatedAt": kit.SUBMITTED_AT - skew}, {"updatedAt": kit.ENDED_AT + skew}]
+    # a first page holding the job's only image set and a next token: the second page is never asked for
+    stubber.add_response(
+        "search_image_sets",
+        {"imageSetsMetadataSummaries": [_summary(IDS[1]), _summary(IDS[0])], "nextToken": "more"},
+        {
+            "datastoreId": kit.DATASTORE_ID,
+            "searchCriteria": {"filters": [{"operator": "BETWEEN", "values": window}]},
+            "maxResults": 50,
+        },
+    )
+    assert _run(_search(kit, import_job_id=kit.JOB_ID), context)["imageSetIds"] == [IDS[0]]
 
 
 def test_search_import_job_not_completed(stubber, kit, context) -> None:
@@ -869,25 +995,108 @@ def test_search_import_job_returns_exactly_its_series(live, kit) -> None:
             time.sleep(0.5)
 
     context = kit.make_context(task_id="search")
-    result = SearchImageSetsOperator(
-        task_id="search", datastore_id=live.datastore_id, import_job_id=job_id
-    ).execute(context)
+    result = _run(
+        SearchImageSetsOperator(
+            task_id="search",
+            datastore_id=live.datastore_id,
+            import_job_id=job_id,
+            phi_allow_tags="DICOMSeriesInstanceUID",
+        ),
+        context,
+    )
     series = {s["DICOMTags"]["DICOMSeriesInstanceUID"] for s in result["imageSetsMetadataSummaries"]}
     assert series == mine
     assert not series & others
     assert len(result["imageSetIds"]) == 3
     assert result["firstImageSetId"] == result["imageSetIds"][0]
     for summary in result["imageSetsMetadataSummaries"]:
-        assert summary["DICOMTags"]["DICOMPatientName"] == "***"
-        assert summary["DICOMTags"]["DICOMPatientId"] == "***"
+        assert summary["DICOMTags"]["DICOMPatientName"] == ""
+        assert summary["DICOMTags"]["DICOMPatientId"] == ""
+        assert summary["DICOMTags"]["DICOMStudyInstanceUID"].startswith("2.25.")
     pushed = json.dumps(context["ti"].pushed)
     assert "SYN1-" not in pushed  # the synthetic patient ids
 
-    everything = SearchImageSetsOperator(
-        task_id="search", datastore_id=live.datastore_id, all_pages=True, max_results=2, include_phi=True
-    ).execute(kit.make_context(task_id="search"))
+    everything = _run(
+        SearchImageSetsOperator(
+            task_id="search", datastore_id=live.datastore_id, all_pages=True, max_results=2, include_phi=True
+        ),
+        kit.make_context(task_id="search"),
+    )
     assert len(everything["imageSetIds"]) == 5
     assert everything["nextToken"] is None
     assert any(
         s["DICOMTags"]["DICOMPatientId"].startswith("SYN") for s in everything["imageSetsMetadataSummaries"]
     )
+
+
+@pytest.mark.slow
+def test_search_import_job_reads_changed_image_sets_one_by_one_with_the_same_summaries(live, kit) -> None:
+    """An image set updated again by a later import is outside the first job's window: it is read with
+    GetImageSet and GetImageSetMetadata, and its summary equals the one SearchImageSets gives."""
+    import time
+
+    from healthimaging.sensors import DICOMImportJobSensor
+
+    def imported(run_id: str) -> str:
+        job_id = _live_operator(live).execute(kit.make_context(run_id=run_id))
+        sensor = DICOMImportJobSensor(
+            task_id="w", datastore_id=live.datastore_id, job_id=job_id, deferrable=False
+        )
+        while not sensor.poke(kit.make_context()):
+            time.sleep(0.5)
+        return job_id
+
+    live.upload("study", series_per_study=2, seed=5)
+    first = imported("first")
+    time.sleep(2)
+    second = imported("second")  # the same files again: the same image sets, updated after the first job
+
+    def search(job_id: str, **kwargs: Any) -> dict:
+        op = SearchImageSetsOperator(
+            task_id="search", datastore_id=live.datastore_id, import_job_id=job_id, include_phi=True, **kwargs
+        )
+        op.job_window_skew = 0.5
+        return _run(op, kit.make_context(task_id="search"))
+
+    searched = search(second)
+    looked_up = search(first)
+    assert looked_up["imageSetIds"] == searched["imageSetIds"]
+    assert len(looked_up["imageSetIds"]) == 2
+    assert looked_up["imageSetsMetadataSummaries"] == searched["imageSetsMetadataSummaries"]
+    with pytest.raises(AirflowException, match="max_image_set_lookups=1"):
+        search(first, max_image_set_lookups=1)
+
+
+def test_sync_wait_without_manifest_fails_as_the_sensor_does(stubber, s3, kit, context) -> None:
+    """Issue 13: one max_failed_files rule; a manifest that never appears fails the wait (it no longer only warns)."""
+    op = _operator(kit, wait_for_completion=True, max_failed_files=0)
+    _expect_start(stubber, kit, context)
+    _expect_job(stubber, kit, "COMPLETED", "COMPLETED")
+    with (
+        mock.patch("healthimaging.hooks.time.sleep"),
+        pytest.raises(AirflowException, match="job-output-manifest.json was not found") as raised,
+    ):
+        op.execute(context)
+    assert f"DICOM import job {kit.JOB_ID} is COMPLETED" in str(raised.value)
+
+
+@pytest.mark.slow
+def test_missing_manifest_is_one_rule_for_operator_and_sensor(live, kit) -> None:
+    from healthimaging.sensors import DICOMImportJobSensor
+
+    live.upload("study")
+    op = _live_operator(live, wait_for_completion=True, waiter_delay=1, waiter_max_attempts=30)
+    job_id = op.execute(kit.make_context())
+    job = live.medical_imaging.get_dicom_import_job(datastoreId=live.datastore_id, jobId=job_id)[
+        "jobProperties"
+    ]
+    folder = job["outputS3Uri"].removeprefix("s3://output/").rstrip("/")
+    live.s3.delete_object(Bucket="output", Key=f"{folder}/job-output-manifest.json")
+    sensor = DICOMImportJobSensor(task_id="wait", datastore_id=live.datastore_id, job_id=job_id)
+    sensor.manifest_delay = 0
+    with mock.patch("healthimaging.hooks.time.sleep"):
+        with pytest.raises(AirflowException, match="was not found") as from_operator:
+            op._check_completed(job_id)
+        with pytest.raises(AirflowException, match="was not found") as from_sensor:
+            sensor.execute_complete(kit.make_context(), {"status": "success", "job_id": job_id})
+    assert str(from_operator.value) == str(from_sensor.value)

@@ -1,0 +1,163 @@
+"""A day of any size through the real DAG, against the service's own bound, on a real Airflow deployment.
+
+Two shapes, one deployment (CeleryExecutor, PostgreSQL, Redis; ``dags/`` as shipped), one endpoint per shape
+(``serve --import-seconds D``, documented StartDICOMImportJob rate 1/s burst 2):
+
+- ``day``: one prefix of ``--files`` synthetic DICOM files in patient/study/series folders (one run, planned into
+  chunks of at most ``[healthimaging] max_files_per_job`` files);
+- ``prefixes``: ``--prefixes`` small prefixes (4 files each) named in one manual run.
+
+Per shape: the run's wall time (DagRun start_date -> end_date) against the bound ``(jobs - 1) / start_rate +
+one job's duration`` (``[healthimaging] start_rate``; the job's duration is the median submittedAt -> endedAt of
+the run's jobs); ratio = wall / bound (target at most 1.25). Also checked: one job per chunk, every object
+imported once (the run's import report), run success.
+
+Usage: ``.venv/bin/python benchmarks/import_day.py --files 100000 --prefixes 200 --import-seconds 60``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.airflow_bench import Site, deployment, parse_time
+from benchmarks.harness import ROLE_ARN, client, command_line, machine, write_result
+from healthimaging_local.sample_data import synthetic_study_files, upload
+
+ROOT = Path(__file__).resolve().parents[1]
+DAG_ID = "healthimaging_import_dicom_and_search"
+BUCKET = "bench-dicom"
+
+
+def upload_day(url: str, files: int) -> str:
+    """Upload ``files`` DICOM files as patient/study/series folders (series of 100, 5 series per study).
+
+    :param url: the endpoint
+    :param files: how many
+    :return: the day's prefix URI
+    """
+    s3 = client(url, "s3", max_pool_connections=32)
+    patients = max(1, files // 500)
+    upload(synthetic_study_files(patients, 1, 5, 100, seed=7), s3, BUCKET, "day/")
+    return f"s3://{BUCKET}/day/"
+
+
+def upload_prefixes(url: str, count: int) -> list[str]:
+    """Upload ``count`` prefixes of one small study (2 series x 2 instances) each.
+
+    :param url: the endpoint
+    :param count: how many prefixes
+    """
+    s3 = client(url, "s3", max_pool_connections=32)
+    uris = []
+    for n in range(count):
+        upload(synthetic_study_files(1, 1, 2, 2, seed=1000 + n), s3, BUCKET, f"p{n:04d}/")
+        uris.append(f"s3://{BUCKET}/p{n:04d}/")
+    return uris
+
+
+def measure(deploy: Any, site: Site, prefixes: list[str], start_rate: float) -> dict[str, Any]:
+    """Trigger one run over ``prefixes``, wait for it, and compare its wall time with the bound.
+
+    :param deploy: the deployment
+    :param site: the endpoint and data store
+    :param prefixes: the run's input prefixes
+    :param start_rate: the configured StartDICOMImportJob rate
+    """
+    api = deploy.api
+    conf = {
+        "datastore_id": site.datastore_id,
+        "data_access_role_arn": ROLE_ARN,
+        "input_s3_uri": None,
+        "input_s3_uris": prefixes,
+        "output_s3_uri": f"s3://{BUCKET}/output/",
+    }
+    run_id = api.trigger(DAG_ID, conf=conf)
+    run = api.wait_for_run(DAG_ID, run_id, timeout=6 * 3600)
+    started, ended = parse_time(run["start_date"]), parse_time(run["end_date"])
+    assert started
+    assert ended
+    wall = (ended - started).total_seconds()
+    token = None
+    all_jobs: list[dict[str, Any]] = []
+    while True:
+        page = site.hi.list_dicom_import_jobs(
+            datastoreId=site.datastore_id, maxResults=50, **({"nextToken": token} if token else {})
+        )
+        all_jobs.extend(page["jobSummaries"])
+        token = page.get("nextToken")
+        if not token:
+            break
+    jobs = [j for j in all_jobs if j["jobName"].startswith(DAG_ID)]
+    durations = [(j["endedAt"] - j["submittedAt"]).total_seconds() for j in jobs if j.get("endedAt")]
+    submitted = sorted(j["submittedAt"] for j in jobs)
+    job_seconds = statistics.median(durations)
+    bound = (len(jobs) - 1) / start_rate + job_seconds
+    report = api.xcom(DAG_ID, run_id, "import_report", "return_value")
+    totals = [r["totals"] for r in report]
+    return {
+        "run_state": run["state"],
+        "jobs": len(jobs),
+        "chunks": sum(t["chunks"] for t in totals),
+        "objects": sum(t["objects"] for t in totals),
+        "imported": sum(t["imported"] for t in totals),
+        "wall_seconds": round(wall, 1),
+        "job_seconds_median": round(job_seconds, 1),
+        "starts_span_seconds": round((submitted[-1] - submitted[0]).total_seconds(), 1),
+        "bound_seconds": round(bound, 1),
+        "ratio": round(wall / bound, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--prefixes", type=int, default=200)
+    parser.add_argument("--import-seconds", type=float, default=60.0)
+    parser.add_argument("--start-rate", type=float, default=0.25)
+    parser.add_argument("--worker-concurrency", type=int, default=8)
+    parser.add_argument("--skip", choices=("day", "prefixes"), action="append", default=[])
+    args = parser.parse_args()
+    env = {
+        "AIRFLOW__HEALTHIMAGING__START_RATE": str(args.start_rate),
+        "AIRFLOW__HEALTHIMAGING__POLL_INTERVAL": "5",
+    }
+    dag_files = {p.name: str(p) for p in (ROOT / "dags").iterdir() if p.suffix in (".py", ".md")}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "command": command_line(),
+        "settings": {**vars(args), "env": env},
+        "bound": "(jobs - 1) / start_rate + median job duration (submittedAt -> endedAt)",
+    }
+    with deployment(dag_files, args.worker_concurrency, env) as deploy:
+        deploy.api.wait_for_dag(DAG_ID)
+        deploy.api.unpause(DAG_ID)
+        for shape in ("day", "prefixes"):
+            if shape in args.skip:
+                continue
+            site = Site(deploy, ["--import-seconds", str(args.import_seconds)])
+            try:
+                began = time.monotonic()
+                prefixes = (
+                    [upload_day(site.url, args.files)]
+                    if shape == "day"
+                    else upload_prefixes(site.url, args.prefixes)
+                )
+                print(f"{shape}: uploaded in {time.monotonic() - began:.0f} s", file=sys.stderr)
+                result[shape] = measure(deploy, site, prefixes, args.start_rate)
+                print(f"{shape}: {result[shape]}", file=sys.stderr)
+            finally:
+                site.stop()
+    print(write_result("import_day", result))
+
+
+if __name__ == "__main__":
+    main()
