@@ -374,3 +374,10 @@ def live(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Live]:
     """A local endpoint whose import jobs stay IN_PROGRESS for 3 s, with a data store and buckets ``input``/``output``."""
     with running_endpoint(tmp_path, monkeypatch, import_seconds=3) as live:
         yield live
+
+
+@pytest.fixture
+def live_slow(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Live]:
+    """As ``live``, with jobs IN_PROGRESS for 15 s: for tests that must see a job still running, on a loaded machine."""
+    with running_endpoint(tmp_path, monkeypatch, import_seconds=15) as live:
+        yield live

@@ -322,12 +322,13 @@ def _poll_until_done(sensor: DICOMImportJobSensor, context, limit: int = 60):
 
 
 @pytest.mark.slow
-def test_poke_against_endpoint(live, kit) -> None:
+def test_poke_against_endpoint(live_slow, kit) -> None:
+    live = live_slow
     live.upload("study", series_per_study=2, instances_per_series=2)
     live.s3.put_object(Bucket="input", Key="study/notes.txt", Body=b"not dicom")
     job_id = live.start_job("study")
     sensor = _sensor(kit, datastore_id=live.datastore_id, job_id=job_id, deferrable=False)
-    assert sensor.poke(kit.make_context()) is False  # import_seconds=3: still running
+    assert sensor.poke(kit.make_context()) is False  # import_seconds=15: still running
     result = _poll_until_done(sensor, kit.make_context()).xcom_value
     assert result["jobStatus"] == "COMPLETED"
     assert result["numberOfScannedFiles"] == 5
@@ -344,7 +345,8 @@ def test_poke_against_endpoint(live, kit) -> None:
 
 
 @pytest.mark.slow
-def test_reschedule_mode_against_endpoint(live, kit) -> None:
+def test_reschedule_mode_against_endpoint(live_slow, kit) -> None:
+    live = live_slow
     import time
 
     live.upload("study")
@@ -361,7 +363,7 @@ def test_reschedule_mode_against_endpoint(live, kit) -> None:
             break
         except AirflowRescheduleException:
             reschedules += 1
-            assert reschedules < 60
+            assert reschedules < 120
             time.sleep(0.5)
     assert reschedules >= 1
     assert result["jobStatus"] == "COMPLETED"
@@ -379,7 +381,8 @@ def test_failed_job_against_endpoint(live, kit) -> None:
 
 
 @pytest.mark.slow
-def test_deferrable_against_endpoint(live, kit) -> None:
+def test_deferrable_against_endpoint(live_slow, kit) -> None:
+    live = live_slow
     """poke -> defer -> the trigger over aiobotocore -> execute_complete, as the triggerer would run it."""
     import asyncio
 
@@ -399,7 +402,8 @@ def test_deferrable_against_endpoint(live, kit) -> None:
 
 
 @pytest.mark.slow
-def test_deferrable_without_end_from_trigger_resumes_on_a_worker(live, kit) -> None:
+def test_deferrable_without_end_from_trigger_resumes_on_a_worker(live_slow, kit) -> None:
+    live = live_slow
     import asyncio
 
     live.upload("study")
