@@ -129,7 +129,8 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
     :mod:`healthimaging.pacing`): while the data store is full or the last start is too recent, the task defers.
 
     Inputs are checked against the API's patterns before any AWS call; errors a retry cannot fix fail the task
-    at once. ``return_value`` is the job id; XCom key ``jobStatus`` holds the status StartDICOMImportJob returned.
+    at once. ``return_value`` is the job id; XCom key ``jobStatus`` holds its status when the task started it or
+    re-attached to it.
 
     :param datastore_id: the data store id (templated)
     :param data_access_role_arn: IAM role the service assumes to read input and write output (templated)
@@ -150,7 +151,8 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
     :param max_failed_files: when waiting, fail a COMPLETED job with more failed files; None only warns
         (templated; a rendered string such as ``"3"`` or ``"None"`` is parsed)
     :param start_retries: retries of StartDICOMImportJob on throttling or ServiceQuotaExceeded
-    :param pace_starts: keep the ``[healthimaging]`` start pace (defer while the data store is full)
+    :param pace_starts: keep the ``[healthimaging]`` start pace: defer while the data store is full or the last start
+        is too recent (the deferral needs a triggerer; without one, pass False and rely on the start retries)
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates

@@ -118,14 +118,14 @@ class StartPacer:
         client: Any,
         datastore_id: str,
         pace: StartPace,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.client = client
         self.datastore_id = datastore_id
         self.pace = pace
-        self.sleep = sleep
-        self.clock = clock
+        self.sleep = sleep or time.sleep
+        self.clock = clock or time.monotonic
         self._last: float | None = None
 
     def __call__(self) -> None:
