@@ -33,8 +33,8 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
     "import_pool": (
         "string",
         "default_pool",
-        "Airflow pool of the import DAG's start and wait tasks, which bounds the import jobs in flight (read when "
-        "the DAG file is parsed). Create it with deferred tasks counted.",
+        "Airflow pool of the import pipeline's start_imports and wait tasks (read when the DAG file is parsed). "
+        "Create it with deferred tasks counted, so that deferred waits hold their slots.",
     ),
     "max_active_runs": (
         "integer",
@@ -75,7 +75,14 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
     "max_failed_files": (
         "integer",
         "",
-        "Default most failed files a COMPLETED import job may have before its wait fails; empty only warns.",
+        "Default most failed files a COMPLETED import job may have before its wait fails, when a run names none "
+        "(param max_failed_files); empty only warns.",
+    ),
+    "aws_conn_id": (
+        "string",
+        "aws_default",
+        "Airflow connection of every AWS call of the import pipeline (planning, staging, starts, waits, searches, "
+        "the report).",
     ),
 }
 
@@ -159,3 +166,4 @@ max_files_per_job = _accessor("max_files_per_job", int)
 start_rate = _accessor("start_rate", float)
 max_imports_in_flight = _accessor("max_imports_in_flight", int)
 max_failed_files = _accessor("max_failed_files", _optional_int)
+aws_conn_id = _accessor("aws_conn_id", str)

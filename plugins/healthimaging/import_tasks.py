@@ -107,7 +107,7 @@ def plan_imports(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     context = get_current_context()
     ti = context["ti"]
-    s3 = S3Hook(aws_conn_id="aws_default").get_conn()
+    s3 = S3Hook(aws_conn_id=config.aws_conn_id()).get_conn()
     limits = ImportLimits(max_files_per_job=config.max_files_per_job())
     plans = []
     for spec in specs:
@@ -154,7 +154,7 @@ def plan_imports(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return chunks
 
 
-@task(task_id="start_imports", execution_timeout=timedelta(hours=12), retries=3)
+@task(task_id="start_imports", execution_timeout=timedelta(hours=12), retries=3, max_active_tis_per_dag=1)
 def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Start one import job per chunk, in plan order, at the service's pace (one task, so starts are not
     spaced by task scheduling); re-attach to jobs already started for a chunk.
@@ -178,6 +178,7 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     pacers: dict[str, StartPacer] = {}
     started: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    job_ids: list[str | None] = [None] * len(chunks)
     for n, chunk in enumerate(chunks):
         # [START howto_operator_start_dicom_import]
         operator = StartDICOMImportOperator(
@@ -190,6 +191,7 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
             job_name=chunk.get("job_name"),
             client_token=chunk.get("client_token"),
             pace_starts=False,  # this task keeps the pace itself, below
+            aws_conn_id=config.aws_conn_id(),
         )
         # [END howto_operator_start_dicom_import]
         pacer = pacers.get(chunk["datastore_id"])
@@ -202,7 +204,7 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 context, state_key=f"job:{chunk['content_digest']}", before_start=pacer
             )
         except AirflowFailException as error:
-            log.error("Chunk %s (%s) not started: %s", chunk["chunk_id"], chunk["input_s3_uri"], error)
+            log.error("Chunk %s not started: %s", chunk["chunk_id"], error)
             failures.append(
                 {"chunk_id": chunk["chunk_id"], "plan_index": chunk["plan_index"], "message": str(error)}
             )
@@ -220,9 +222,11 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "phi_allow_tags": chunk.get("phi_allow_tags") or [],
             }
         )
-        chunk["job_id"] = job_id
+        job_ids[n] = job_id
+        # After every start, so that a try that fails later still tells the report which jobs exist.
+        context["ti"].xcom_push(key="jobs", value=job_ids)
     context["ti"].xcom_push(key="start_failures", value=failures)
-    context["ti"].xcom_push(key="jobs", value=[c.get("job_id") for c in chunks])
+    context["ti"].xcom_push(key="jobs", value=job_ids)
     return started
 
 
@@ -290,6 +294,7 @@ def import_dicom(
         pool=config.import_pool(),
         execution_timeout=timedelta(minutes=30),
         map_index_template="{{ task.job_id }}",
+        aws_conn_id=config.aws_conn_id(),
     )
     # [END howto_sensor_dicom_import_job]
     # [START howto_operator_search_image_sets]
@@ -304,6 +309,7 @@ def import_dicom(
         phi_allow_tags=phi_allow_tags,
         execution_timeout=timedelta(minutes=30),
         map_index_template="{{ task.import_job_id }}",
+        aws_conn_id=config.aws_conn_id(),
     )
     # [END howto_operator_search_image_sets]
     wait >> search
@@ -329,8 +335,8 @@ def import_report(chunks: list[dict[str, Any]] | None = None) -> list[dict[str, 
     documents = ti.xcom_pull(task_ids="plan_imports", key="plans")
     if chunks is None or documents is None:
         raise AirflowFailException("plan_imports did not finish: no import was planned, nothing to report")
-    s3 = S3Hook(aws_conn_id="aws_default").get_conn()
-    hook = HealthImagingHook(aws_conn_id="aws_default")
+    s3 = S3Hook(aws_conn_id=config.aws_conn_id()).get_conn()
+    hook = HealthImagingHook(aws_conn_id=config.aws_conn_id())
     job_ids = ti.xcom_pull(task_ids=START_TASK_ID, key="jobs") or [None] * len(chunks)
     not_started = {
         f["chunk_id"]: f["message"] for f in ti.xcom_pull(task_ids=START_TASK_ID, key="start_failures") or []

@@ -153,6 +153,8 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
     :param start_retries: retries of StartDICOMImportJob on throttling or ServiceQuotaExceeded
     :param pace_starts: keep the ``[healthimaging]`` start pace: defer while the data store is full or the last start
         is too recent (the deferral needs a triggerer; without one, pass False and rely on the start retries)
+    :param confirm_status: after each StartDICOMImportJob, read the job's status with GetDICOMImportJob (a replayed
+        token's answer may be its first response, so a FAILED job would look SUBMITTED)
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates
@@ -193,6 +195,7 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         max_failed_files: int | None = None,
         start_retries: int = 8,
         pace_starts: bool = True,
+        confirm_status: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -211,6 +214,7 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         self.max_failed_files = max_failed_files
         self.start_retries = start_retries
         self.pace_starts = pace_starts
+        self.confirm_status = confirm_status
 
     def _request(self, context: Context) -> dict[str, Any]:
         """The request without its client token, checked against the model before any AWS call."""
@@ -294,7 +298,11 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
             if before_start is not None:
                 before_start()
             response = self._start_with_retries({**request, "clientToken": token})
-            if response["jobStatus"] not in failure:
+            status = str(response["jobStatus"])
+            if self.confirm_status and status not in failure:
+                # A replayed token may answer with the job's first response (AWS documents neither): ask the job.
+                status = str(self.hook.get_import_job(self.datastore_id, response["jobId"])["jobStatus"])
+            if status not in failure:
                 break
             token = self._after_failed(token, response["jobId"])
         else:
@@ -308,7 +316,7 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         self.log.info(
             "DICOM import job %s is %s (job name %s)", job_id, response["jobStatus"], request["jobName"]
         )
-        return job_id, str(response["jobStatus"])
+        return job_id, status
 
     def _after_failed(self, token: str, job_id: str) -> str:
         if self.client_token:

@@ -339,6 +339,20 @@ def check_search_criteria(criteria: Any) -> None:
         raise AirflowFailException(f"param search_criteria is invalid: {err}") from None
 
 
+def _check_disjoint(prefixes: list[str]) -> None:
+    """Refuse two input prefixes of which one holds the other: their common files would be imported twice.
+
+    :param prefixes: the run's input prefixes (S3 prefixes are string prefixes: ``b/P1`` holds ``b/P10/``)
+    """
+    ordered = sorted(prefixes)
+    for shorter, longer in zip(ordered, ordered[1:], strict=False):
+        if longer.startswith(shorter):
+            raise AirflowFailException(
+                f"input prefix {longer} lies inside input prefix {shorter}: its files would be imported twice; "
+                "name only one of them"
+            )
+
+
 def check_prefixes_apart(input_s3_uri: str, **others: str | None) -> None:
     """
     Refuse an output or staging prefix equal to or inside an input prefix: the job would import its own files.
@@ -388,6 +402,7 @@ def _input_prefixes(
     prefixes = list(dict.fromkeys(prefixes))
     for prefix in prefixes:
         check("input_s3_uri", prefix, "params input_s3_uri/input_s3_uris")
+    _check_disjoint(prefixes)
     if prefixes:
         if len(prefixes) > MAX_PREFIXES_PER_RUN:
             raise AirflowFailException(
@@ -445,6 +460,10 @@ def resolve_import_specs(
         "max_results", model.MAX_RESULTS["max"] if max_results is None else max_results, "param max_results"
     )
     max_failed_files = check("max_failed_files", params.get("max_failed_files"), "param max_failed_files")
+    if max_failed_files is None:
+        from healthimaging import config
+
+        max_failed_files = config.max_failed_files()
     phi_allow_tags = check("phi_allow_tags", list(params.get("phi_allow_tags") or []), "param phi_allow_tags")
     return [
         {

@@ -194,7 +194,7 @@ def check_failed_files(result: Mapping[str, Any], max_failed_files: int | str | 
     :param result: the output of :meth:`HealthImagingHook.completed_job_result`
     :param max_failed_files: the most failed files tolerated, or None to only warn (a templated string is parsed)
     :return: a warning to log when files failed but the policy allows it, else None
-    :raises AirflowException: when more files failed than ``max_failed_files``
+    :raises AirflowFailException: when more files failed than ``max_failed_files`` (a retry cannot change a finished job)
     """
     limit = coerce_optional_count("max_failed_files", max_failed_files)
     failed = int(result["numberOfFilesWithCustomerError"]) + int(result["numberOfFilesWithServerError"])
@@ -203,7 +203,7 @@ def check_failed_files(result: Mapping[str, Any], max_failed_files: int | str | 
     keys = ", ".join(f["inputFile"] for f in result.get("failedFiles", []))
     text = f"DICOM import job {result['jobId']} COMPLETED with {failed} failed file(s) (first: {keys})"
     if limit is not None and failed > limit:
-        raise AirflowException(f"{text}; more than max_failed_files={limit}")
+        raise AirflowFailException(f"{text}; more than max_failed_files={limit}")
     return text
 
 

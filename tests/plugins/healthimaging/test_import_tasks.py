@@ -36,8 +36,10 @@ class _Context(dict):
     pass
 
 
-def _run(outcomes: dict[int, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    pushed: dict[str, Any] = {}
+def _run(
+    outcomes: dict[int, Any], pushed: dict[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    pushed = {} if pushed is None else pushed
     ti = mock.Mock()
     ti.xcom_push.side_effect = lambda key, value: pushed.__setitem__(key, value)
     context = _Context(ti=ti, task_state_store=None)
@@ -79,6 +81,9 @@ def test_every_chunk_started_in_order_and_a_refused_one_named() -> None:
     ]
 
 
-def test_a_transient_error_fails_the_try() -> None:
+def test_a_transient_error_fails_the_try_and_the_jobs_started_are_kept() -> None:
+    pushed: dict[str, Any] = {}
     with pytest.raises(AirflowException, match="Throttling"):
-        _run({1: "j1", 2: AirflowException("ThrottlingException after retries"), 3: "j3"})
+        _run({1: "j1", 2: AirflowException("ThrottlingException after retries"), 3: "j3"}, pushed)
+    # The report of a run whose start_imports failed for good still finds the job started before the error.
+    assert pushed["jobs"] == ["j1", None, None]

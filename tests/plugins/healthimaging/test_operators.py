@@ -44,6 +44,7 @@ def _operator(kit, **kwargs) -> StartDICOMImportOperator:
         "output_s3_uri": kit.OUTPUT_URI,
         "waiter_delay": 0,
         "pace_starts": False,
+        "confirm_status": False,  # tests of the confirmation turn it on
     }
     args.update(kwargs)
     return StartDICOMImportOperator(**args)
@@ -1100,3 +1101,19 @@ def test_missing_manifest_is_one_rule_for_operator_and_sensor(live, kit) -> None
         with pytest.raises(AirflowException, match="was not found") as from_sensor:
             sensor.execute_complete(kit.make_context(), {"status": "success", "job_id": job_id})
     assert str(from_operator.value) == str(from_sensor.value)
+
+
+def test_a_replay_answering_submitted_is_confirmed_and_a_failed_job_followed(
+    stubber, s3, kit, context
+) -> None:
+    """AWS may answer a replayed token with the job's first response: the status comes from GetDICOMImportJob."""
+    op = _operator(kit, confirm_status=True)
+    first = "f" * 32
+    stubber.add_response("start_dicom_import_job", _start_response(kit, job_id=first))
+    _expect_job(stubber, kit, "FAILED", job_id=first)
+    stubber.add_response("start_dicom_import_job", _start_response(kit))
+    _expect_job(stubber, kit, "SUBMITTED")
+    assert op.execute(context) == kit.JOB_ID
+    stored = context["task_state_store"].get(STATE_KEY)
+    assert stored["jobId"] == kit.JOB_ID
+    assert stored["clientToken"] == next_client_token(op._token(context, op._request(context)), first)

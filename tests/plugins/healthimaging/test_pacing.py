@@ -103,6 +103,7 @@ def _operator(datastore_id: str, **kwargs) -> StartDICOMImportOperator:
         "data_access_role_arn": "arn:aws:iam::123456789012:role/ImportRole",
         "input_s3_uri": "s3://input/study/",
         "output_s3_uri": "s3://output/results/",
+        "confirm_status": False,
     }
     args.update(kwargs)
     return StartDICOMImportOperator(**args)

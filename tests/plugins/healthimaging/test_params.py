@@ -184,6 +184,35 @@ class TestResolveInputs:
         assert {s["datastore_id"] for s in specs} == {"f" * 32}
         assert {(s["max_results"], s["max_failed_files"], s["include_phi"]) for s in specs} == {(10, 2, True)}
 
+    @pytest.mark.parametrize(
+        "nested",
+        [["s3://bkt/day/", "s3://bkt/day/P1/"], ["s3://bkt/day/P1", "s3://bkt/day/P10/"], ["s3://bkt/x/", "s3://bkt/x/"]],
+    )
+    def test_nested_input_prefixes_are_refused(self, nested: list[str]) -> None:
+        """Overlapping prefixes would import their common files twice (review finding); duplicates fold into one."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        params = {"input_s3_uris": nested}
+        if nested[0] == nested[1]:
+            assert len(resolve_import_specs(params, self.variables(), None)) == 1
+            return
+        with pytest.raises(AirflowFailException, match="imported twice"):
+            resolve_import_specs(params, self.variables(), None)
+        apart = {"input_s3_uris": ["s3://bkt/day/P1/", "s3://bkt/day/P10/"]}
+        assert len(resolve_import_specs(apart, self.variables(), None)) == 2
+
+    def test_max_failed_files_defaults_to_the_setting(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        params = {"input_s3_uri": "s3://bkt/day/"}
+        assert resolve_import_specs(params, self.variables(), None)[0]["max_failed_files"] is None
+        monkeypatch.setenv("AIRFLOW__HEALTHIMAGING__MAX_FAILED_FILES", "3")
+        assert resolve_import_specs(params, self.variables(), None)[0]["max_failed_files"] == 3
+        assert (
+            resolve_import_specs({**params, "max_failed_files": 0}, self.variables(), None)[0][
+                "max_failed_files"
+            ]
+            == 0
+        )
+
     def test_manual_run_without_interval_needs_a_prefix(self) -> None:
         from airflow.sdk.exceptions import AirflowFailException
 
