@@ -43,6 +43,8 @@ GROUP_ID = "import_dicom"
 START_TASK_ID = "start_imports"
 SEARCH_TASK_ID = f"{GROUP_ID}.search_image_sets"
 IMPORT_TIMEOUT = timedelta(hours=12)
+#: Clock difference tolerated between the service's submittedAt and the run's start when choosing what to announce.
+ANNOUNCE_SKEW = timedelta(seconds=30)
 #: Keys of a resolved import spec that each chunk's import takes as they are.
 CHUNK_KEYS = (
     "datastore_id",
@@ -239,24 +241,38 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def publish_image_sets(started: list[dict[str, Any]] | None = None) -> list[str]:
     """Emit one asset event naming the image sets of every import of the run that found some (ids only).
 
-    One event per run, not one per job: Airflow 3.3.2 keeps one queue entry per (asset, consumer) and hands an
+    Only jobs started since the run (re)started are announced: a job this run re-attached to was announced by the
+    run that started it, and a cleared run announces only its new jobs. One event per run, not one per job: Airflow 3.3.2 keeps one queue entry per (asset, consumer) and hands an
     event registered while that entry is pending to the consumer's next run, which only the asset's next event
     starts (apache/airflow#54659); events of one task arrive together.
 
     :param started: ``start_imports``'s list (index = map index of ``import_dicom``)
     :return: the image-set ids announced
     """
+    from datetime import datetime
+
     from airflow.sdk import get_current_context
+
+    from healthimaging.hooks import HealthImagingHook
 
     context = get_current_context()
     ti = context["ti"]
+    run_started = context["dag_run"].start_date
+    hook = HealthImagingHook(aws_conn_id=config.aws_conn_id())
     imports = []
+    earlier = 0
     for map_index, job in enumerate(started or []):
         ids = ti.xcom_pull(task_ids=SEARCH_TASK_ID, key="imageSetIds", map_indexes=map_index)
-        if ids:
-            imports.append(
-                {"datastoreId": job["datastore_id"], "jobId": job["job_id"], "imageSetIds": list(ids)}
-            )
+        if not ids:
+            continue
+        submitted = hook.get_import_job(job["datastore_id"], job["job_id"]).get("submittedAt")
+        if isinstance(submitted, datetime) and run_started and submitted < run_started - ANNOUNCE_SKEW:
+            # re-attached to a job that another run (or this run before a clear) started and announced
+            earlier += 1
+            continue
+        imports.append({"datastoreId": job["datastore_id"], "jobId": job["job_id"], "imageSetIds": list(ids)})
+    if earlier:
+        log.info("%d job(s) were started before this run (re)started: announced then, not again", earlier)
     if not imports:
         raise AirflowSkipException("No import of this run found image sets: no asset event.")
     all_ids = [i for item in imports for i in item["imageSetIds"]]

@@ -41,6 +41,8 @@ TOKEN_SCHEME = "healthimaging-token/2"
 MAX_TOKEN_CHAIN = 20
 #: task_state_store key of the job a task instance started (survives retries and clears of the same run).
 STATE_KEY = "healthimaging_import_job"
+#: Job name of a content-scoped import: this and the first 16 hex of the content digest.
+CONTENT_JOB_PREFIX = "dicom-import"
 
 
 def request_digest(request: Mapping[str, Any]) -> str:
@@ -136,8 +138,8 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
     :param data_access_role_arn: IAM role the service assumes to read input and write output (templated)
     :param input_s3_uri: S3 prefix of the DICOM P10 files (templated)
     :param output_s3_uri: S3 prefix for the job's output folder; must lie outside the input (templated)
-    :param job_name: job name; defaults to ``<dag_id>.<run_id>[.<map_index>]``, or ``<dag_id>.<digest>`` with
-        ``content_digest`` (templated)
+    :param job_name: job name; defaults to ``<dag_id>.<run_id>[.<map_index>]``, or ``dicom-import.<digest>`` with
+        ``content_digest``, shared by every DAG that imports the same objects (templated)
     :param client_token: idempotency token, used as given (no chain after a FAILED job); default derived as
         above (templated)
     :param content_digest: digest of the input's objects (keys, ETags, sizes; the planner's chunk digest): scope
@@ -224,7 +226,8 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         if self.job_name:
             job_name = self.job_name
         elif self.content_digest:
-            job_name = sanitize_job_name(f"{ti.dag_id}.{str(self.content_digest)[:16]}")
+            # Not the DAG's name: every DAG importing the same objects (nightly, on arrival) shares the job.
+            job_name = f"{CONTENT_JOB_PREFIX}.{str(self.content_digest)[:16]}"
         else:
             job_name = default_job_name(ti.dag_id, context["run_id"], _map_index(context))
         request: dict[str, Any] = {

@@ -248,7 +248,7 @@ def test_content_scoped_token_is_equal_across_runs_and_map_indexes(stubber, kit)
         kit.make_context(run_id="manual__2025-03-02", task_id="import_dicom", map_index=-1),
     ]
     for context in contexts:
-        request = _request(kit, context, jobName=f"dag.{DIGEST[:16]}")
+        request = _request(kit, context, jobName=f"dicom-import.{DIGEST[:16]}")
         stubber.add_response(
             "start_dicom_import_job",
             _start_response(kit),
@@ -256,7 +256,7 @@ def test_content_scoped_token_is_equal_across_runs_and_map_indexes(stubber, kit)
         )
         assert _operator(kit, content_digest=DIGEST).execute(context) == kit.JOB_ID
     assert sent[0] == sent[1] == sent[2]
-    assert sent[0] != _ti_token(contexts[0], _request(kit, contexts[0], jobName=f"dag.{DIGEST[:16]}"))
+    assert sent[0] != _ti_token(contexts[0], _request(kit, contexts[0], jobName=f"dicom-import.{DIGEST[:16]}"))
     # other content, other token
     stubber.add_response("start_dicom_import_job", _start_response(kit))
     _operator(kit, content_digest="f" * 64).execute(contexts[0])
@@ -917,7 +917,7 @@ def test_same_content_in_two_runs_starts_one_job(live, kit, real_sleep) -> None:
     )
     second_run = kit.make_context(run_id="backfill__2025-03-01", map_index=3)
     assert _live_operator(live, content_digest=digest).execute(second_run) == first
-    assert [(job["jobId"], job["jobName"]) for job in live.jobs()] == [(first, f"dag.{digest[:16]}")]
+    assert [(job["jobId"], job["jobName"]) for job in live.jobs()] == [(first, f"dicom-import.{digest[:16]}")]
     assert live.wait_for_job(first, "COMPLETED", "FAILED") == "COMPLETED"
     # a later run of the same content gets the COMPLETED job: nothing is imported twice
     third_run = kit.make_context(run_id="manual__2025-03-02")
