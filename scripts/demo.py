@@ -200,7 +200,7 @@ def report(result: dict[str, Any]) -> int:
     for map_index in sorted(i for i in by_index if i >= 0):
         x = by_index[map_index]
         job = x.get(("wait_for_import_job", "return_value")) or {}
-        print(f"\nImport #{map_index}: job {x.get(('start_import_job', 'jobId'))} -> {job.get('jobStatus')}")
+        print(f"\nImport #{map_index}: job {job.get('jobId')} -> {job.get('jobStatus')}")
         for name in (
             "numberOfScannedFiles",
             "numberOfImportedFiles",
@@ -222,8 +222,15 @@ def report(result: dict[str, Any]) -> int:
         imports += 1
     for extra in result["asset_events"]:
         print(
-            f"\nAsset event healthimaging_image_sets: job {extra.get('jobId')}, "
+            f"\nAsset event healthimaging_image_sets: job(s) {', '.join(extra.get('jobIds') or [])}, "
             f"{len(extra.get('imageSetIds') or [])} image set id(s)"
+        )
+    for summary in by_index.get(-1, {}).get(("import_report", "return_value")) or []:
+        totals = summary["totals"]
+        print(
+            f"\nImport report {summary['input_s3_uri']}: {totals['objects']} object(s) in {totals['chunks']} job(s):"
+            f" {totals['imported']} imported, {totals['failed']} failed, {totals['refused']} refused,"
+            f" {totals['not_reached']} not reached; full report {summary['report_s3_uri']}"
         )
     return imports
 
