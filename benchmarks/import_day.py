@@ -21,6 +21,7 @@ import argparse
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,13 @@ def upload_day(url: str, files: int) -> str:
     """
     s3 = client(url, "s3", max_pool_connections=32)
     patients = max(1, files // 500)
-    upload(synthetic_study_files(patients, 1, 5, 100, seed=7), s3, BUCKET, "day/")
+
+    def put(item: tuple[str, bytes]) -> None:
+        s3.put_object(Bucket=BUCKET, Key=f"day/{item[0]}", Body=item[1])
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        for _ in pool.map(put, synthetic_study_files(patients, 1, 5, 100, seed=7)):
+            pass
     return f"s3://{BUCKET}/day/"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,15 @@ from airflow.sdk import DAG, CronDataIntervalTimetable
 # DAG file names before it forks a parser, so the decorators' import chain is paid once, not at every parse.
 from airflow.sdk.definitions.decorators import task
 
+from healthimaging import config
 from healthimaging.assets import IMAGE_SETS, IMAGE_SETS_ASSET_NAME  # noqa: F401 (the asset this DAG updates)
 from healthimaging.import_tasks import compose_imports
-from healthimaging.params import PARAMS, resolve_run_imports
+from healthimaging.params import build_params, resolve_run_imports
 
 DAG_ID = "healthimaging_import_dicom_and_search"
 
-# Parallel runs (nightly, backfill, manual); environment, read at parse time.
-MAX_ACTIVE_RUNS = int(os.environ.get("HEALTHIMAGING_MAX_ACTIVE_RUNS", "8"))
+# Parallel runs (nightly, backfill, manual): ``[healthimaging] max_active_runs``, read at parse time.
+MAX_ACTIVE_RUNS = config.max_active_runs()
 
 
 @task(task_id="resolve_imports", execution_timeout=timedelta(minutes=5))
@@ -41,7 +41,7 @@ with DAG(
     catchup=False,
     max_active_runs=MAX_ACTIVE_RUNS,
     dagrun_timeout=timedelta(hours=24),
-    params=PARAMS,
+    params=build_params(),
     tags=["healthimaging", "dicom", "medical-imaging", "import"],
     default_args={
         "owner": "data-engineering",

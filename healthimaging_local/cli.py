@@ -69,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.rate_limit,
         ),
         import_workers=args.import_workers,
+        fail_jobs=args.fail_jobs,
     )
     try:
         settings = endpoint.settings()
@@ -168,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="fault injection: fraction of HealthImaging requests answered 429 at random, on top of the rates",
+    )
+    serve.add_argument(
+        "--fail-jobs",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="fault injection: the first N import jobs of each data store end FAILED with an INJECTED_FAILURE"
+        " message (default 0)",
     )
     serve.add_argument(
         "--max-concurrent-imports",

@@ -107,6 +107,8 @@ class Importer:
     :param max_concurrent_imports: the service quota: SUBMITTED/IN_PROGRESS jobs allowed per data store.
     :param workers: threads that list, parse and commit jobs (not a limit on jobs in flight).
     :param events: where job and image set state changes are announced (default: the embedded EventBridge).
+    :param fail_jobs: fault injection: the first this many jobs of each data store (in submission order) end
+        FAILED with an ``INJECTED_FAILURE`` message, whatever their input.
     """
 
     def __init__(
@@ -117,9 +119,13 @@ class Importer:
         max_concurrent_imports: int = 100,
         workers: int = 4,
         events: EventPublisher | None = None,
+        fail_jobs: int = 0,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
+        if fail_jobs < 0:
+            raise ValueError("fail_jobs must be >= 0")
+        self.fail_jobs = fail_jobs
         self.store = store
         self.s3 = s3
         self.import_seconds = import_seconds
@@ -327,11 +333,27 @@ class Importer:
         try:
             if isinstance(inventory, JobFailed):
                 raise inventory
+            self._check_injected_failure(job)
             self._execute(job, *inventory)
         except JobFailed as failure:
             message = sanitize_message(f"DICOM import job has failed. {failure}")
             self._write_outputs(job, _Outcome(), required=False)
             self._finish(job["id"], "FAILED", message, [])
+
+    def _check_injected_failure(self, job: dict[str, Any]) -> None:
+        """Raise JobFailed when the job is among the first ``fail_jobs`` of its data store."""
+        if not self.fail_jobs:
+            return
+        earlier = self.store.query_one(
+            "SELECT COUNT(*) AS n FROM jobs WHERE datastore_id=? AND (submitted_at, id) < (?, ?)",
+            (job["datastore_id"], job["submitted_at"], job["id"]),
+        )
+        ordinal = int(earlier["n"] if earlier is not None else 0) + 1
+        if ordinal <= self.fail_jobs:
+            raise JobFailed(
+                f"INJECTED_FAILURE: job {ordinal} of this data store, and the endpoint runs with"
+                f" --fail-jobs {self.fail_jobs} (fault injection, not a problem of the input)"
+            )
 
     def _finish(self, job_id: str, status: str, message: str | None, writes: list[ImageSetWrite]) -> None:
         """Commit a job's terminal status with its image sets, then announce the image sets and the job."""

@@ -343,6 +343,7 @@ class LocalEndpoint:
     :param rate_limits: request rates per operation (default: the documented StartDICOMImportJob and
         GetDICOMImportJob rates; ``{}`` switches rate limiting off).
     :param import_workers: threads that list, parse and commit import jobs (not a limit on jobs in flight).
+    :param fail_jobs: fault injection: the first this many import jobs of each data store end FAILED.
     """
 
     _active = 0
@@ -364,6 +365,7 @@ class LocalEndpoint:
         access_keys: Mapping[str, str] | None = None,
         rate_limits: Mapping[str, RateLimit] | None = None,
         import_workers: int = 4,
+        fail_jobs: int = 0,
     ) -> None:
         self.state_dir = state_dir
         self.access_key_id, self.secret_access_key = next(
@@ -383,7 +385,7 @@ class LocalEndpoint:
         events = EventPublisher()
         self.operations = Operations(self.store, datastore_seconds, delete_seconds, events)
         self.importer = Importer(
-            self.store, self.s3, import_seconds, max_concurrent_imports, import_workers, events
+            self.store, self.s3, import_seconds, max_concurrent_imports, import_workers, events, fail_jobs
         )
         self.limiter = RateLimiter(default_rate_limits() if rate_limits is None else rate_limits)
         app = Dispatcher(

@@ -135,7 +135,7 @@ def airflow_env(airflow_home: Path, url: str, datastore_id: str) -> dict[str, st
             "AIRFLOW_VAR_HEALTHIMAGING_DATASTORE_ID": datastore_id,
             "AIRFLOW_VAR_HEALTHIMAGING_DATA_ACCESS_ROLE_ARN": ROLE_ARN,
             "AIRFLOW_VAR_HEALTHIMAGING_OUTPUT_S3_URI": OUTPUT_S3_URI,
-            "HEALTHIMAGING_POKE_INTERVAL": "2",
+            "AIRFLOW__HEALTHIMAGING__POLL_INTERVAL": "2",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
     )

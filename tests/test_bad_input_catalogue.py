@@ -57,7 +57,7 @@ def param(conf: dict[str, Any], fragment: str) -> Case:
     return Case("param", conf, "ParamValidationError", fragment)
 
 
-def start(overrides: dict[str, Any], fragment: str, error: str = "ValueError") -> Case:
+def start(overrides: dict[str, Any], fragment: str, error: str = "AirflowFailException") -> Case:
     return Case("start", overrides, error, fragment)
 
 
@@ -100,12 +100,17 @@ CATALOGUE: dict[str, Case] = {
     "param-output-uri-local-path": param({"output_s3_uri": "/tmp/out"}, "param output_s3_uri"),
     "param-max-results-0": param({"max_results": 0}, "0 is less than the minimum of 1"),
     "param-max-results-51": param({"max_results": 51}, "51 is greater than the maximum of 50"),
-    "param-max-results-string": param({"max_results": "ten"}, "'ten' is not of type 'integer'"),
-    "param-include-phi-string": param({"include_phi": "yes"}, "'yes' is not of type 'boolean'"),
+    "param-max-results-string": param({"max_results": "ten"}, "'ten' is not of type 'null', 'integer'"),
+    "param-include-phi-string": param({"include_phi": "yes"}, "'yes' is not of type 'null', 'boolean'"),
     "param-job-name-space": param({"job_name": "my job"}, "param job_name"),
     "param-client-token-65": param({"client_token": "t" * 65}, "param client_token"),
-    "param-search-criteria-string": param({"search_criteria": "DICOMPatientId=1"}, "is not of type 'object'"),
+    "param-search-criteria-string": param(
+        {"search_criteria": "DICOMPatientId=1"}, "is not of type 'null', 'object'"
+    ),
     "param-max-failed-files-negative": param({"max_failed_files": -1}, "-1 is less than the minimum of 0"),
+    "param-staging-uri-local-path": param({"staging_s3_uri": "/tmp/staging"}, "param staging_s3_uri"),
+    "param-allow-empty-string": param({"allow_empty": "yes"}, "'yes' is not of type 'null', 'boolean'"),
+    "param-phi-allow-tags-unknown": param({"phi_allow_tags": ["PatientName"]}, "'PatientName' is not one of"),
     # ---------------------------------------------------------------- StartDICOMImportOperator arguments
     "start-datastore-id": start({"datastore_id": "NOT-AN-ID"}, "datastore_id 'NOT-AN-ID' does not match"),
     "start-datastore-id-empty": start({"datastore_id": ""}, "datastore_id is required"),
@@ -119,7 +124,7 @@ CATALOGUE: dict[str, Case] = {
     "start-client-token": start({"client_token": "tok!"}, "client_token 'tok!' does not match"),
     "start-owner-account": start({"input_owner_account_id": "12"}, "input_owner_account_id"),
     "start-output-inside-input": start({"output_s3_uri": IN + "out/"}, "is equal to or inside input_s3_uri"),
-    "start-output-equals-input": start({"output_s3_uri": IN}, "the job would import its own output files"),
+    "start-output-equals-input": start({"output_s3_uri": IN}, "the job would import its own files"),
     "start-output-input-no-slash": start(
         {"input_s3_uri": "s3://catalogue-in/dicom", "output_s3_uri": "s3://catalogue-in/dicom/out/"},
         "is equal to or inside input_s3_uri",

@@ -70,7 +70,7 @@ def test_airflow_services_share_image_env_mounts_and_env_file(compose: dict[str,
         assert env["AIRFLOW__API_AUTH__JWT_SECRET"].startswith("${AIRFLOW__API_AUTH__JWT_SECRET:?")
         assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
         assert "postgres/airflow" in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-        assert env["HEALTHIMAGING_IMPORT_POOL"]
+        assert env["AIRFLOW__HEALTHIMAGING__IMPORT_POOL"]
     assert compose["services"]["airflow-worker"]["environment"]["DUMB_INIT_SETSID"] == "0"
 
 

@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 
 def get_provider_info() -> dict[str, Any]:
     """Describe this package to Airflow's ProvidersManager (entry point ``apache_airflow_provider``)."""
+    from healthimaging.config import provider_config
+
     return {
         "package-name": "airflow-healthimaging",
         "name": "AWS HealthImaging",
@@ -31,4 +33,5 @@ def get_provider_info() -> dict[str, Any]:
             "healthimaging.links.HealthImagingDatastoreLink",
             "healthimaging.links.HealthImagingImportJobLink",
         ],
+        "config": provider_config(),
     }

@@ -26,13 +26,12 @@ import re
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import conf
-
 # Imported from their module, not from ``airflow.sdk``: the dag-processor pre-imports the ``airflow.*`` modules a
 # DAG file names before it forks a parser, so the decorators' import chain is paid once, not at every parse.
 from airflow.sdk.definitions.decorators import task, task_group
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from healthimaging import config
 from healthimaging.assets import IMAGE_SETS
 from healthimaging.operators import SearchImageSetsOperator, StartDICOMImportOperator
 from healthimaging.sensors import DICOMImportJobSensor
@@ -56,26 +55,6 @@ CHUNK_KEYS = (
 )
 log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
-
-
-def import_pool() -> str:
-    """The pool of start and sensor tasks (``[healthimaging] import_pool``)."""
-    return conf.get("healthimaging", "import_pool", fallback="default_pool")
-
-
-def poll_interval() -> float:
-    """Seconds between GetDICOMImportJob polls (``[healthimaging] poll_interval``)."""
-    return conf.getfloat("healthimaging", "poll_interval", fallback=30.0)
-
-
-def max_imports_in_flight() -> int:
-    """Jobs in flight per data store (``[healthimaging] max_imports_in_flight``)."""
-    return conf.getint("healthimaging", "max_imports_in_flight", fallback=100)
-
-
-def max_files_per_job() -> int:
-    """Files one job takes (``[healthimaging] max_files_per_job``; the quota can be raised)."""
-    return conf.getint("healthimaging", "max_files_per_job", fallback=5_000)
 
 
 def run_documents_uri(output_s3_uri: str, dag_id: str, run_id: str) -> str:
@@ -129,7 +108,7 @@ def plan_imports(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     context = get_current_context()
     ti = context["ti"]
     s3 = S3Hook(aws_conn_id="aws_default").get_conn()
-    limits = ImportLimits(max_files_per_job=max_files_per_job())
+    limits = ImportLimits(max_files_per_job=config.max_files_per_job())
     plans = []
     for spec in specs:
         settings = PlanSettings(
@@ -304,11 +283,11 @@ def import_dicom(
         datastore_id=datastore_id,
         job_id=job_id,
         deferrable=True,
-        poke_interval=poll_interval(),
+        poke_interval=config.poll_interval(),
         timeout=IMPORT_TIMEOUT.total_seconds(),
         max_failed_files=max_failed_files,
-        max_active_tis_per_dag=max_imports_in_flight(),
-        pool=import_pool(),
+        max_active_tis_per_dag=config.max_imports_in_flight(),
+        pool=config.import_pool(),
         execution_timeout=timedelta(minutes=30),
         map_index_template="{{ task.job_id }}",
     )

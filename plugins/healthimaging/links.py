@@ -4,6 +4,9 @@ AWS console links for HealthImaging data stores and import jobs.
 The links behave as the Amazon provider's ``BaseAwsLink`` (same ``persist``/``get_link``, same XCom value), but
 build on ``airflow.sdk.BaseOperatorLink``: the provider's links module imports botocore, which a DAG file would
 then pay for at every parse.
+
+The console's base URL is the ``[healthimaging] console_url`` setting, read when a link is built, so that a user
+of another partition or of an offline console can point the links there.
 """
 
 from __future__ import annotations
@@ -13,16 +16,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperatorLink
 
+from healthimaging import config
+
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator, Context
     from airflow.sdk.types import TaskInstanceKey
 
 log = logging.getLogger(__name__)
 
-HEALTHIMAGING_CONSOLE = (
-    "https://{region_name}.console.{aws_domain}/medical-imaging/home?region={region_name}"
-    "#/data-stores/{datastore_id}"
-)
+DATASTORE_PATH = "#/data-stores/{datastore_id}"
 #: AWS partition -> console domain (as in the Amazon provider's links).
 AWS_DOMAINS = {"aws": "aws.amazon.com", "aws-cn": "amazonaws.cn", "aws-us-gov": "amazonaws-us-gov.com"}
 
@@ -32,7 +34,13 @@ class HealthImagingLink(BaseOperatorLink):
 
     name: ClassVar[str]
     key: ClassVar[str]
-    format_str: ClassVar[str]
+    #: The page below ``[healthimaging] console_url``, with ``str.format`` placeholders.
+    path: ClassVar[str]
+
+    @property
+    def format_str(self) -> str:
+        """The link's template: the configured console base URL and :attr:`path`."""
+        return config.console_url() + self.path
 
     @staticmethod
     def get_aws_domain(aws_partition: str | None) -> str | None:
@@ -100,7 +108,7 @@ class HealthImagingDatastoreLink(HealthImagingLink):
 
     name = "HealthImaging Data Store"
     key = "healthimaging_datastore"
-    format_str = HEALTHIMAGING_CONSOLE
+    path = DATASTORE_PATH
 
 
 class HealthImagingImportJobLink(HealthImagingLink):
@@ -108,4 +116,4 @@ class HealthImagingImportJobLink(HealthImagingLink):
 
     name = "HealthImaging Import Job"
     key = "healthimaging_import_job"
-    format_str = HEALTHIMAGING_CONSOLE + "/import-jobs/{job_id}"
+    path = DATASTORE_PATH + "/import-jobs/{job_id}"

@@ -399,10 +399,11 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         from airflow.providers.amazon.aws.utils.waiter_with_logging import wait
 
         from healthimaging.hooks import IMPORT_JOB_WAITER
+        from healthimaging.triggers import TransientTolerantWaiter
 
         try:
             wait(
-                waiter=self.hook.get_waiter(IMPORT_JOB_WAITER),
+                waiter=TransientTolerantWaiter(self.hook.get_waiter(IMPORT_JOB_WAITER)),  # type: ignore[arg-type]
                 waiter_delay=self.waiter_delay,
                 waiter_max_attempts=self.waiter_max_attempts,
                 args={"datastoreId": self.datastore_id, "jobId": job_id},
@@ -415,18 +416,13 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
             raise AirflowException(self.hook.failed_job_message(job)) from None
 
     def _check_completed(self, job_id: str) -> None:
-        from healthimaging.hooks import check_failed_files, import_job_states
+        from healthimaging.hooks import import_job_states
+        from healthimaging.sensors import check_completed_job
 
         job = self.hook.get_import_job(self.datastore_id, job_id)
         if job["jobStatus"] in import_job_states()["failure"]:
             raise AirflowException(self.hook.failed_job_message(job))
-        result = self.hook.completed_job_result(job)
-        if result is None:
-            self.log.warning("Manifest of import job %s not found; failed files not checked", job_id)
-            return
-        warning = check_failed_files(result, self.max_failed_files)
-        if warning:
-            self.log.warning("%s", warning)
+        check_completed_job(job, self.hook.completed_job_result(job), self.max_failed_files, self.log)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> str:
         from airflow.providers.amazon.aws.utils import validate_execute_complete_event
@@ -705,7 +701,7 @@ def _for_xcom(
     summary: dict[str, Any], include_phi: bool, allow_tags: frozenset[str], uid_key: bytes
 ) -> dict[str, Any]:
     """ISO datetimes; unless ``include_phi``, the Basic Profile of :mod:`healthimaging.phi` applied."""
-    from healthimaging.hooks import to_iso
+    from healthimaging.manifest import to_iso
     from healthimaging.phi import deidentify_summary
 
     summary = to_iso(summary)

@@ -50,12 +50,9 @@ class StartPace:
     @classmethod
     def from_config(cls) -> StartPace:
         """The ``[healthimaging] start_rate`` and ``max_imports_in_flight`` settings."""
-        from airflow.sdk import conf
+        from healthimaging import config
 
-        return cls(
-            conf.getfloat("healthimaging", "start_rate", fallback=0.25),
-            conf.getint("healthimaging", "max_imports_in_flight", fallback=100),
-        )
+        return cls(config.start_rate(), config.max_imports_in_flight())
 
 
 def jobs_in_flight(client: Any, datastore_id: str, limit: int) -> tuple[int, datetime | None]:

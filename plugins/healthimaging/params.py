@@ -302,7 +302,7 @@ def build_params() -> dict[str, Param]:
     }
 
 
-#: The Params as the DAG file passes them (schemas shared with :func:`check`).
+#: The Params, for their schemas (the DAG file builds its own: a Param keeps the last value it resolved).
 PARAMS = build_params()
 
 

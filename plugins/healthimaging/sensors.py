@@ -7,14 +7,15 @@ from datetime import timedelta
 from time import sleep
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from healthimaging.base import HealthImagingAwsMixin, aws_template_fields
+from healthimaging.manifest import MANIFEST_NAME, join_s3
 from healthimaging.validation import check_parameter, coerce_optional_count
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from airflow.sdk import Context
 
@@ -35,7 +36,8 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
 
     :param datastore_id: the data store id (templated)
     :param job_id: the import job id (templated)
-    :param deferrable: wait in the triggerer instead of a worker slot (default True)
+    :param deferrable: wait in the triggerer instead of a worker slot (default: ``[operators]
+        default_deferrable``, as the Amazon provider's sensors)
     :param max_failed_files: fail a COMPLETED job with more failed files than this; None only warns
         (templated; a rendered string such as ``"3"`` or ``"None"`` is parsed)
     :param first_poke_jitter: wait up to this many seconds (random) before the first check, to spread
@@ -56,13 +58,15 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
 
     template_fields: Sequence[str] = aws_template_fields("datastore_id", "job_id", "max_failed_files")
     ui_color = "#66c3ff"
+    #: Set by :meth:`execute` in deferrable mode; a poke() called on its own never defers.
+    _defer_while_running = False
 
     def __init__(
         self,
         *,
         datastore_id: str,
         job_id: str,
-        deferrable: bool = True,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         max_failed_files: int | None = None,
         first_poke_jitter: float = 0.0,
         poll_jitter: float | None = None,
@@ -84,13 +88,14 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
     def execute(self, context: Context) -> Any:
         check_parameter("datastore_id", self.datastore_id)
         check_parameter("job_id", self.job_id)
-        max_failed_files = coerce_optional_count("max_failed_files", self.max_failed_files)
+        coerce_optional_count("max_failed_files", self.max_failed_files)
         self._jitter_first_poke(context)
-        if not self.deferrable:
-            return super().execute(context=context)
-        poke_return = self.poke(context)
-        if isinstance(poke_return, PokeReturnValue):
-            return poke_return.xcom_value
+        # Deferrable too, the first check runs inside the base sensor's handling (soft_fail, never_fail,
+        # silent_fail, timeout): from there, poke() defers while the job is still running.
+        self._defer_while_running = self.deferrable
+        return super().execute(context=context)
+
+    def _defer(self) -> None:
         from healthimaging.triggers import DICOMImportJobTrigger
 
         self.defer(
@@ -101,9 +106,10 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
                 waiter_max_attempts=int(self.timeout // max(1, int(self.poke_interval))) + 2,
                 poll_jitter=self.poll_jitter,
                 end_from_trigger=self._ends_from_trigger(),
-                max_failed_files=max_failed_files,
+                max_failed_files=coerce_optional_count("max_failed_files", self.max_failed_files),
                 manifest_attempts=self.manifest_attempts,
                 manifest_delay=self.manifest_delay,
+                do_xcom_push=self.do_xcom_push,
                 aws_conn_id=self.aws_conn_id,
                 region_name=self.region_name,
                 verify=self.verify,
@@ -128,7 +134,8 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         sleep(random.uniform(0, self.first_poke_jitter))
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
-        from healthimaging.hooks import check_failed_files, import_job_states, is_transient_error
+        from healthimaging.hooks import import_job_states
+        from healthimaging.triggers import is_transient_error
 
         try:
             job = self.hook.get_import_job(self.datastore_id, self.job_id)
@@ -136,7 +143,7 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
             if not is_transient_error(error):
                 raise
             self.log.warning("Transient error checking import job %s: %s", self.job_id, error)
-            return False
+            return self._not_done()
         status = job["jobStatus"]
         self.log.info("DICOM import job %s is %s", self.job_id, status)
         states = import_job_states()
@@ -144,22 +151,26 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
             # A FAILED job stays FAILED: retrying the sensor would only poll it again.
             raise AirflowFailException(self.hook.failed_job_message(job))
         if status not in states["success"]:
-            return False
+            return self._not_done()
         result = self.hook.completed_job_result(
             job, attempts=self.manifest_attempts, delay=self.manifest_delay
         )
         if result is None:
             self.log.info("Import job %s is %s but its manifest is not there yet", self.job_id, status)
-            return False
-        warning = check_failed_files(result, self.max_failed_files)
-        if warning:
-            self.log.warning("%s", warning)
-        return PokeReturnValue(is_done=True, xcom_value=result)
+            return self._not_done()
+        return PokeReturnValue(
+            is_done=True, xcom_value=check_completed_job(job, result, self.max_failed_files, self.log)
+        )
+
+    def _not_done(self) -> bool:
+        if self._defer_while_running:
+            self._defer()
+        return False
 
     def execute_complete(self, context: Context, event: dict[str, Any] | str | None = None) -> dict[str, Any]:
         from airflow.providers.amazon.aws.utils import validate_execute_complete_event
 
-        from healthimaging.hooks import check_failed_files, import_job_states
+        from healthimaging.hooks import import_job_states
 
         # A task-ending trigger event resumes the task only under ``dag.test()``, with its state as the payload.
         event = {"status": event} if isinstance(event, str) else validate_execute_complete_event(event)
@@ -173,12 +184,52 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         result = self.hook.completed_job_result(
             job, attempts=self.manifest_attempts * 3, delay=self.manifest_delay
         )
-        if result is None:
-            raise AirflowException(
-                f"DICOM import job {self.job_id} is {job['jobStatus']} but {job['outputS3Uri']}"
-                "job-output-manifest.json was not found"
-            )
-        warning = check_failed_files(result, self.max_failed_files)
-        if warning:
-            self.log.warning("%s", warning)
-        return result
+        return check_completed_job(job, result, self.max_failed_files, self.log)
+
+
+def check_failed_files(result: Mapping[str, Any], max_failed_files: int | str | None) -> str | None:
+    """
+    Apply the failed-files policy to a COMPLETED job.
+
+    :param result: the output of :meth:`HealthImagingHook.completed_job_result`
+    :param max_failed_files: the most failed files tolerated, or None to only warn (a templated string is parsed)
+    :return: a warning to log when files failed but the policy allows it, else None
+    :raises AirflowException: when more files failed than ``max_failed_files``
+    """
+    limit = coerce_optional_count("max_failed_files", max_failed_files)
+    failed = int(result["numberOfFilesWithCustomerError"]) + int(result["numberOfFilesWithServerError"])
+    if not failed:
+        return None
+    keys = ", ".join(f["inputFile"] for f in result.get("failedFiles", []))
+    text = f"DICOM import job {result['jobId']} COMPLETED with {failed} failed file(s) (first: {keys})"
+    if limit is not None and failed > limit:
+        raise AirflowException(f"{text}; more than max_failed_files={limit}")
+    return text
+
+
+def check_completed_job(
+    job: Mapping[str, Any], result: dict[str, Any] | None, max_failed_files: int | str | None, log: Any
+) -> dict[str, Any]:
+    """
+    The rule for a COMPLETED job, shared by the sensor and ``StartDICOMImportOperator(wait_for_completion=True)``.
+
+    A manifest that never appeared fails (its failed files cannot be checked); otherwise
+    :func:`check_failed_files` decides, and a tolerated number of failed files is logged as a warning.
+
+    :param job: ``jobProperties`` of the job
+    :param result: the output of :meth:`HealthImagingHook.completed_job_result`, None when the manifest is missing
+    :param max_failed_files: the most failed files tolerated, or None to only warn (a templated string is parsed)
+    :param log: the task's logger, for the warning
+    :return: ``result``
+    :raises AirflowException: when the manifest is missing or more files failed than ``max_failed_files``
+    """
+    if result is None:
+        raise AirflowException(
+            f"DICOM import job {job['jobId']} is {job['jobStatus']} but "
+            f"{join_s3(str(job['outputS3Uri']), MANIFEST_NAME)} was not found, so its failed "
+            "files cannot be checked against max_failed_files"
+        )
+    warning = check_failed_files(result, max_failed_files)
+    if warning:
+        log.warning("%s", warning)
+    return result

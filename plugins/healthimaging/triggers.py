@@ -1,22 +1,168 @@
-"""Trigger that waits in the triggerer for a HealthImaging DICOM import job to end."""
+"""
+Trigger that waits in the triggerer for a HealthImaging DICOM import job to end, and the waiting it uses.
+
+The waiters here make a poll survive throttling, 5xx answers and dropped connections (each spends one attempt
+instead of ending the wait), the async one also spreads polls (jitter) and keeps a triggerer under its
+GetDICOMImportJob budget (:func:`triggerer_poll_rate`). ``StartDICOMImportOperator`` waits with the sync one.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import logging
+import random
+import time
+from functools import cache
+from typing import TYPE_CHECKING, Any, cast
 
 from airflow.providers.amazon.aws.triggers.base import AwsBaseWaiterTrigger
+from airflow.providers.amazon.aws.utils.waiter_with_logging import RETRIABLE_ERROR_CODES
 from airflow.triggers.base import TaskSuccessEvent, TriggerEvent
+from botocore.exceptions import ClientError, HTTPClientError, WaiterError
+from botocore.exceptions import ConnectionError as BotocoreConnectionError
 
-from healthimaging.hooks import (
-    IMPORT_JOB_WAITER,
-    TRIGGERER_POLL_RATE,
-    HealthImagingHook,
-    check_failed_files,
-    import_job_states,
-)
+from healthimaging import config
+from healthimaging.hooks import IMPORT_JOB_WAITER, HealthImagingHook, import_job_states
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Mapping
+
+    from botocore.waiter import Waiter
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_ERROR_CODES = frozenset(RETRIABLE_ERROR_CODES) | {
+    "ThrottlingException",
+    "InternalServerException",
+    "ServiceUnavailableException",
+}
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """
+    Tell whether an error is worth waiting out: throttling, 5xx answers and dropped connections.
+
+    :param error: the exception raised by a boto3/aiobotocore call
+    """
+    if isinstance(error, ClientError):
+        return is_transient_response(error.response)
+    if isinstance(error, (BotocoreConnectionError, HTTPClientError, asyncio.TimeoutError, TimeoutError)):
+        return True
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - aiohttp ships with aiobotocore
+        return False
+    return isinstance(error, aiohttp.ClientError)
+
+
+def is_transient_response(response: Mapping[str, Any]) -> bool:
+    """
+    Tell whether a botocore error response is throttling or a server-side failure.
+
+    :param response: the ``ClientError.response`` / waiter ``last_response`` dictionary
+    """
+    error = response.get("Error") or {}
+    code = str(error.get("Code", ""))
+    status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+    return code in TRANSIENT_ERROR_CODES or status == 429 or status >= 500 or code.startswith("5")
+
+
+def _transient_waiter_error(name: str, error: BaseException | Mapping[str, Any]) -> WaiterError:
+    # A reason without "An error occurred" makes waiter_with_logging log it and spend one attempt,
+    # instead of failing (non-retriable code) or looping without limit (RETRIABLE_ERROR_CODES).
+    if isinstance(error, BaseException):
+        return WaiterError(name=name, reason=f"transient error {type(error).__name__}", last_response={})
+    code = (error.get("Error") or {}).get("Code")
+    return WaiterError(name=name, reason=f"transient service error {code}", last_response=dict(error))
+
+
+class TransientTolerantWaiter:
+    """
+    Waiter wrapper that turns transient failures into an ordinary (attempt-consuming) poll.
+
+    :param waiter: a waiter of :meth:`HealthImagingHook.get_waiter`
+    """
+
+    def __init__(self, waiter: Waiter) -> None:
+        self._waiter = waiter
+        self.name = waiter.name
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self._waiter, item)
+
+    def _raise_transient(self, error: Exception) -> None:
+        """Raise an attempt-consuming WaiterError in place of ``error`` if it is transient; else return."""
+        if isinstance(error, WaiterError):
+            if "An error occurred" in str(error) and is_transient_response(error.last_response):
+                raise _transient_waiter_error(self.name, error.last_response) from error
+        elif is_transient_error(error):
+            log.warning("Transient error while polling import job: %s", type(error).__name__)
+            raise _transient_waiter_error(self.name, error) from error
+
+    def wait(self, **kwargs: Any) -> None:
+        try:
+            self._waiter.wait(**kwargs)
+        except Exception as error:
+            self._raise_transient(error)
+            raise
+
+
+class PollRateLimiter:
+    """Spaces the calls of one process to at most ``rate`` per second (all triggers of a triggerer share it).
+
+    Jitter spreads polls on average, but random phases still make one-second peaks well above the mean; this
+    bounds them. Only used from the triggerer's event loop, so no lock is needed: nothing awaits between
+    reading and moving the next free slot.
+
+    :param rate: calls per second; 0 or less turns the limit off.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._next = 0.0
+
+    async def acquire(self) -> None:
+        """Wait for this call's slot."""
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + 1.0 / self.rate
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+@cache
+def triggerer_poll_rate() -> PollRateLimiter:
+    """The limiter of this triggerer process, at ``[healthimaging] triggerer_max_polls_per_second`` (first use)."""
+    return PollRateLimiter(config.triggerer_max_polls_per_second())
+
+
+class AsyncTransientTolerantWaiter(TransientTolerantWaiter):
+    """Async :class:`TransientTolerantWaiter`; also delays every poll by a random ``0..jitter`` seconds.
+
+    ``async_wait`` sleeps exactly ``waiter_delay`` between polls, so triggers that once poll together (deferred
+    together, or woken together after a stalled event loop) keep polling together and burst against
+    GetDICOMImportJob's rate limit. A fresh random delay per poll keeps spreading them out, and
+    :func:`triggerer_poll_rate` caps what is left of the peaks.
+
+    :param waiter: a deferrable waiter of :meth:`HealthImagingHook.get_waiter`
+    :param jitter: the most seconds of random delay before each poll
+    """
+
+    def __init__(self, waiter: Waiter, jitter: float = 0.0) -> None:
+        super().__init__(waiter)
+        self._jitter = jitter
+
+    async def wait(self, **kwargs: Any) -> None:  # type: ignore[override]
+        if self._jitter > 0:
+            await asyncio.sleep(random.uniform(0, self._jitter))
+        await triggerer_poll_rate().acquire()
+        try:
+            await self._waiter.wait(**kwargs)
+        except Exception as error:
+            self._raise_transient(error)
+            raise
 
 
 class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
@@ -26,9 +172,10 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
     Throttling, 5xx answers and dropped connections spend one attempt each instead of ending the wait.
 
     With ``end_from_trigger``, a COMPLETED job whose manifest is readable and within ``max_failed_files``
-    ends the task here: the summary the sensor would return is pushed as its ``return_value`` XCom and no
-    worker is needed to resume it. Anything else (FAILED, too many failed files, a manifest not there yet, an
-    error reading it) resumes the task on a worker as without it, where the sensor raises or retries.
+    ends the task here: the summary the sensor would return is pushed as its ``return_value`` XCom (unless
+    ``do_xcom_push`` is False) and no worker is needed to resume it. Anything else (FAILED, too many failed
+    files, a manifest not there yet, an error reading it) resumes the task on a worker as without it, where the
+    sensor raises or retries.
 
     :param datastore_id: the data store id
     :param job_id: the import job id
@@ -42,11 +189,14 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
         (which fails it); None tolerates any number
     :param manifest_attempts: with ``end_from_trigger``: reads of a lagging manifest before leaving it to the worker
     :param manifest_delay: seconds between those reads
+    :param do_xcom_push: with ``end_from_trigger``: push the summary as the task's ``return_value``
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates
     :param botocore_config: botocore client configuration (dict)
     """
+
+    aws_hook_class = HealthImagingHook
 
     def __init__(
         self,
@@ -60,6 +210,7 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
         max_failed_files: int | None = None,
         manifest_attempts: int = 3,
         manifest_delay: float = 2.0,
+        do_xcom_push: bool = True,
         aws_conn_id: str | None = "aws_default",
         region_name: str | None = None,
         verify: bool | str | None = None,
@@ -74,6 +225,7 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
                 "max_failed_files": max_failed_files,
                 "manifest_attempts": manifest_attempts,
                 "manifest_delay": manifest_delay,
+                "do_xcom_push": do_xcom_push,
             },
             waiter_name=IMPORT_JOB_WAITER,
             waiter_args={"datastoreId": datastore_id, "jobId": job_id},
@@ -96,35 +248,15 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
         self.max_failed_files = max_failed_files
         self.manifest_attempts = manifest_attempts
         self.manifest_delay = manifest_delay
-
-    def hook(self) -> HealthImagingHook:
-        hook = HealthImagingHook(
-            aws_conn_id=self.aws_conn_id,
-            region_name=self.region_name,
-            verify=self.verify,
-            config=self.botocore_config,
-        )
-        hook.poll_jitter = self.poll_jitter
-        return hook
+        self.do_xcom_push = do_xcom_push
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        event = await self._wait()
-        if self.end_from_trigger and event.payload.get("status") == "success":
-            yield await self._task_end_event() or event
-        else:
-            yield event
-
-    async def _wait(self) -> TriggerEvent:
-        """
-        Poll through the waiter as ``AwsBaseWaiterTrigger.run`` does, ``waiter_delay`` apart on average.
-
-        Every poll is delayed by a random ``0..poll_jitter`` seconds (in the hook's waiter), so the sleep between
-        polls is shortened by half of that.
-        """
+        # AwsBaseWaiterTrigger.run() with what it has no seam for: its waiter wrapped (jitter per poll, hence
+        # the sleep shortened by half the jitter) and, with end_from_trigger, the task ended on the same client.
         from airflow.providers.amazon.aws.utils.waiter_with_logging import async_wait
         from airflow.providers.common.compat.sdk import AirflowException
 
-        hook = self.hook()
+        hook = cast("HealthImagingHook", self.hook())
         async with await hook.get_async_conn() as client:
             waiter = hook.get_waiter(
                 self.waiter_name,
@@ -134,7 +266,7 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
             )
             try:
                 await async_wait(
-                    waiter,
+                    AsyncTransientTolerantWaiter(waiter, self.poll_jitter),  # type: ignore[arg-type]
                     max(0.0, self.waiter_delay - self.poll_jitter / 2),  # type: ignore[arg-type]  # to asyncio.sleep
                     self.attempts,
                     self.waiter_args,
@@ -143,16 +275,19 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
                     self.status_queries,
                 )
             except AirflowException as error:
-                return self._event_from_exception(error)
-        return TriggerEvent({"status": "success", self.return_key: self.return_value})
+                event = self._event_from_exception(error)
+            else:
+                ended = await self._task_end_event(hook, client) if self.end_from_trigger else None
+                event = ended or TriggerEvent({"status": "success", self.return_key: self.return_value})
+        yield event
 
-    async def _task_end_event(self) -> TaskSuccessEvent | None:
+    async def _task_end_event(self, hook: HealthImagingHook, client: Any) -> TaskSuccessEvent | None:
         """The event that ends the task with the job's summary, or None to resume the task on a worker."""
-        hook = self.hook()
+        from healthimaging.sensors import check_failed_files
+
         try:
-            await TRIGGERER_POLL_RATE.acquire()
-            async with await hook.get_async_conn() as client:
-                response = await client.get_dicom_import_job(datastoreId=self.datastore_id, jobId=self.job_id)
+            await triggerer_poll_rate().acquire()
+            response = await client.get_dicom_import_job(datastoreId=self.datastore_id, jobId=self.job_id)
             job = response["jobProperties"]
             if job["jobStatus"] not in import_job_states()["success"]:
                 return None
@@ -178,4 +313,4 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
             result["numberOfImportedFiles"],
             result["numberOfGeneratedImageSets"],
         )
-        return TaskSuccessEvent(xcoms={"return_value": result})
+        return TaskSuccessEvent(xcoms={"return_value": result} if self.do_xcom_push else None)

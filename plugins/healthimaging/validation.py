@@ -95,7 +95,7 @@ def check_output_outside_input(input_s3_uri: str, output_s3_uri: str, *, name: s
     ):
         raise ValueError(
             f"{name} {output_s3_uri!r} is equal to or inside input_s3_uri {input_s3_uri!r}: "
-            "the job would import its own files; use a prefix outside the input"
+            "the job would import its own output files; use a prefix outside the input"
         )
 
 

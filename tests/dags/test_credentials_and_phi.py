@@ -200,7 +200,7 @@ def runs(
             AIRFLOW_CONN_AWS_DEFAULT=connection(served.url),
             AIRFLOW_VAR_HEALTHIMAGING_DATA_ACCESS_ROLE_ARN=ROLE_ARN,
             AIRFLOW_VAR_HEALTHIMAGING_OUTPUT_S3_URI="s3://phi-dicom/output/",
-            HEALTHIMAGING_POKE_INTERVAL="1",
+            AIRFLOW__HEALTHIMAGING__POLL_INTERVAL="1",
         )
         records: list[str] = []
         handler = _Collect(records)

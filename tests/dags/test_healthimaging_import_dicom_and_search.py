@@ -203,7 +203,7 @@ def prepare_endpoint(
         "AIRFLOW_VAR_HEALTHIMAGING_INPUT_S3_URI_TEMPLATE",
         f"s3://{BUCKET}/incoming/{{{{ data_interval_start.strftime('%Y/%m/%d') }}}}/",
     )
-    monkeypatch.setenv("HEALTHIMAGING_POKE_INTERVAL", "1")
+    monkeypatch.setenv("AIRFLOW__HEALTHIMAGING__POLL_INTERVAL", "1")
     return datastore_id, s3, mi
 
 

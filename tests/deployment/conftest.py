@@ -109,9 +109,9 @@ def airflow_deployment(deployment_dir: Path) -> Iterator[AirflowDeployment]:
         dags_folder=build_dags_folder(deployment_dir / "dags"),
         # Parse-time setting of the DAG: poll GetDICOMImportJob every 2 s instead of 30 s.
         extra_env={
-            "HEALTHIMAGING_POKE_INTERVAL": "2",
+            "AIRFLOW__HEALTHIMAGING__POLL_INTERVAL": "2",
             # so that twenty runs really run at once (test 10)
-            "HEALTHIMAGING_MAX_ACTIVE_RUNS": "25",
+            "AIRFLOW__HEALTHIMAGING__MAX_ACTIVE_RUNS": "25",
             # Import on arrival: the queues scripts/wire_arrivals.py creates on each test's endpoint (moto ignores
             # the host of a queue URL); short long polls and settle listings so the tests stay short.
             "HEALTHIMAGING_ARRIVALS_QUEUE_URL": "http://127.0.0.1:4566/123456789012/healthimaging-arrivals",
@@ -121,8 +121,9 @@ def airflow_deployment(deployment_dir: Path) -> Iterator[AirflowDeployment]:
             "HEALTHIMAGING_ARRIVALS_WAIT_SECONDS": "5",
             "HEALTHIMAGING_ARRIVALS_POLL_DELAY": "1",
             "HEALTHIMAGING_SETTLE_POKE_INTERVAL": "2",
-            # [healthimaging] poll_interval: GetDICOMImportJob every 2 s (the default is 30).
-            "AIRFLOW__HEALTHIMAGING__POLL_INTERVAL": "2",
+            # Pace starts at the endpoint's own StartDICOMImportJob rate (1/s) so that pacing does not slow
+            # tests that are not about it. The pacing test restarts the worker with its own rate.
+            "AIRFLOW__HEALTHIMAGING__START_RATE": "1",
         },
         worker_concurrency=4,
     )

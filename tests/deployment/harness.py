@@ -436,6 +436,41 @@ class AirflowApi:
             )
         )
 
+    def clear_task_instances(
+        self, dag_id: str, run_id: str, task_ids: list[str], include_downstream: bool = True
+    ) -> list[dict[str, Any]]:
+        """Clear tasks of one run (every map index), as the UI's Clear does; returns the cleared instances.
+
+        :param dag_id: the DAG
+        :param run_id: the run
+        :param task_ids: the tasks to clear (mapped ones at every map index)
+        :param include_downstream: also clear what depends on them
+        """
+        body = {
+            "dry_run": False,
+            "dag_run_id": run_id,
+            "task_ids": task_ids,
+            "include_downstream": include_downstream,
+            "only_failed": False,
+            "reset_dag_runs": True,
+        }
+        return list(
+            self.json("POST", f"/api/v2/dags/{dag_id}/clearTaskInstances", json=body)["task_instances"]
+        )
+
+    def clear_run(self, dag_id: str, run_id: str, only_failed: bool = False) -> None:
+        """Clear a whole run (``POST .../dagRuns/{run_id}/clear``), as the UI's Clear on a run does.
+
+        :param dag_id: the DAG
+        :param run_id: the run
+        :param only_failed: clear only the failed (and upstream-failed) tasks
+        """
+        self.json(
+            "POST",
+            f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/clear",
+            json={"dry_run": False, "only_failed": only_failed},
+        )
+
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         """Every task instance of the run, mapped ones included (one entry per map index)."""
         return list(

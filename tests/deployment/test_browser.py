@@ -83,6 +83,30 @@ def site_params(site: Site) -> dict[str, str]:
     return {key: conf[key] for key in ("datastore_id", "data_access_role_arn", "output_s3_uri")}
 
 
+def test_trigger_form_marks_no_optional_param_required_and_renders_markdown(
+    api: AirflowApi, ui_page: Page
+) -> None:
+    """Every param may stay empty (a Variable or a default fills it): no field is marked required, no run is
+    blocked by one; descriptions are Markdown rendered (no literal backticks) and state each field's rule."""
+    from healthimaging.params import RULES, build_params
+
+    open_trigger_form(ui_page, api.base_url, DAG_ID)
+    params = build_params()
+    ui_page.get_by_text(params["max_failed_files"].schema["title"], exact=True).wait_for(state="attached")
+    screenshot(ui_page, "trigger-form-params")
+    form_text = ui_page.get_by_role("dialog").inner_text()
+    required = ui_page.locator("[role=dialog] [data-part=required-indicator]")
+    assert [
+        required.nth(i).inner_text() for i in range(required.count()) if required.nth(i).is_visible()
+    ] == []
+    assert "`" not in form_text
+    for name, param in params.items():
+        assert param.schema["title"] in form_text, name
+        # A required field's label ends in the indicator "*".
+        assert not re.search(re.escape(param.schema["title"]) + r"\s*\*", form_text), name
+    assert RULES["datastore_id"] in form_text
+
+
 def test_trigger_form_refuses_an_invalid_datastore_id_readably(
     api: AirflowApi, make_site: Callable[..., Site], ui_page: Page
 ) -> None:
@@ -119,10 +143,11 @@ def test_trigger_form_refuses_an_invalid_datastore_id_readably(
         if r["inWindow"] and len(r["text"]) <= READABLE_LENGTH and not SCHEMA_DUMP.search(r["text"])
     ]
     if not readable:
-        pytest.xfail(
-            "pending the Param-message work (issue 12 item 4): the refusal is a jsonschema dump outside the "
-            f"window: {naming}"
-        )
+        # Not reachable from a DAG: Airflow 3.3.2's API server answers a Param refusal with
+        # f"Invalid input for param {name}: {jsonschema.ValidationError}", whose str() always appends "Failed
+        # validating ... in schema:" and the schema; the form shows it in the alert at the top of the dialog, and
+        # checks no pattern in the browser (only that required fields are set; maxLength stops typing).
+        pytest.xfail(f"Airflow 3.3's API answers a Param refusal with a jsonschema dump: {naming}")
 
 
 def test_two_prefix_run_from_the_form_reaches_the_downstream_example(

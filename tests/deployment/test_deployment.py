@@ -38,6 +38,8 @@ START = "import_dicom.start_import_job"
 WAIT = "import_dicom.wait_for_import_job"
 SEARCH = "import_dicom.search_image_sets"
 PUBLISH = "import_dicom.publish_image_sets"
+PLAN = "plan_imports"
+REPORT = "import_report"
 ROLE_ARN = "arn:aws:iam::123456789012:role/HealthImagingImportRole"
 BUCKET = "dicom-input"
 OUTPUT_BUCKET = "dicom-output"
@@ -109,8 +111,15 @@ class Site:
                 return jobs
             kwargs["nextToken"] = page["nextToken"]
 
-    def jobs_of_run(self, run_id: str) -> list[dict[str, Any]]:
-        return [job for job in self.jobs() if run_id in str(job.get("jobName", ""))]
+    def jobs_under(self, prefix: str, bucket: str = BUCKET) -> list[dict[str, Any]]:
+        """The data store's jobs (``jobProperties``) whose ``inputS3Uri`` lies under ``s3://<bucket>/<prefix>``.
+
+        Job names no longer name the run (``<dag_id>.<content digest>``), and one job can serve several runs: the
+        input is what ties a job to the objects it imports.
+        """
+        wanted = f"s3://{bucket}/{prefix}"
+        jobs = [self.job(summary["jobId"]) for summary in self.jobs()]
+        return [job for job in jobs if str(job["inputS3Uri"]).startswith(wanted)]
 
     def job(self, job_id: str) -> dict[str, Any]:
         props = self.client("medical-imaging").get_dicom_import_job(
@@ -182,6 +191,18 @@ def api(deployment: AirflowDeployment) -> AirflowApi:
     return deployment.api
 
 
+def started_job_ids(api: AirflowApi, run_id: str) -> list[str]:
+    """The job id (``return_value`` of the start task) of every map index of the run that has one."""
+    ids = []
+    for ti in api.task_instances(DAG_ID, run_id):
+        if ti["task_id"] == START:
+            try:
+                ids.append(str(api.xcom(DAG_ID, run_id, START, map_index=ti["map_index"])))
+            except KeyError:
+                continue
+    return ids
+
+
 def new_run_id(label: str) -> str:
     return f"{label}_{uuid.uuid4().hex[:10]}"
 
@@ -201,7 +222,11 @@ def describe(api: AirflowApi, run_id: str) -> str:
 def assert_run_matches_manifest(api: AirflowApi, site: Site, run_id: str, prefix: str) -> dict[str, Any]:
     """The run's XCom (sensor and search) equals the job's output manifest; returns the sensor result."""
     job_id = api.xcom(DAG_ID, run_id, START, "return_value", map_index=0)
-    assert api.xcom(DAG_ID, run_id, START, "jobId", map_index=0) == job_id
+    assert api.xcom(DAG_ID, run_id, START, "jobStatus", map_index=0) in {
+        "SUBMITTED",
+        "IN_PROGRESS",
+        "COMPLETED",
+    }
     manifest = site.manifest(job_id)
     result = api.xcom(DAG_ID, run_id, WAIT, "return_value", map_index=0)
     assert result["jobId"] == job_id
@@ -236,7 +261,7 @@ def test_run_succeeds_and_sensor_is_deferred_while_in_progress(
     site.upload_sample("incoming/one/", seed=101)
     run_id = api.trigger(DAG_ID, conf=site.conf("incoming/one/"), run_id=new_run_id("defer"))
 
-    job = wait_until(lambda: site.jobs_of_run(run_id), timeout=180, what="the import job")[0]
+    job = wait_until(lambda: site.jobs_under("incoming/one/"), timeout=180, what="the import job")[0]
     observations = []
     while site.job(job["jobId"])["jobStatus"] in {"SUBMITTED", "IN_PROGRESS"}:
         status = site.job(job["jobId"])["jobStatus"]
@@ -269,7 +294,7 @@ def test_triggerer_killed_while_deferred(
     site.upload_sample("incoming/two/", seed=202)
     run_id = api.trigger(DAG_ID, conf=site.conf("incoming/two/"), run_id=new_run_id("triggerer"))
     wait_until(lambda: state_of(api, run_id, WAIT) == "deferred", timeout=180, what="the sensor to defer")
-    job_id = api.xcom(DAG_ID, run_id, START, "jobId", map_index=0)
+    job_id = api.xcom(DAG_ID, run_id, START, map_index=0)
     old = set(deployment.pids("triggerer"))
     deployment.kill("triggerer")
     assert living(old) == []
@@ -290,15 +315,15 @@ def test_triggerer_killed_while_deferred(
 
 
 def _freeze_worker_when_job_appears(
-    deployment: AirflowDeployment, api: AirflowApi, site: Site, run_id: str
+    deployment: AirflowDeployment, api: AirflowApi, site: Site, run_id: str, known: set[str]
 ) -> bool:
-    """SIGSTOP the worker group the moment the run's job exists; True if the start task had not succeeded yet."""
+    """SIGSTOP the worker group the moment a job not in ``known`` exists; True if the start task had not succeeded yet."""
     worker = deployment.component("worker")
     client = site.client("medical-imaging", throttle_tolerant=False)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         summaries = client.list_dicom_import_jobs(datastoreId=site.datastore_id)["jobSummaries"]
-        if any(run_id in str(job.get("jobName", "")) for job in summaries):
+        if {job["jobId"] for job in summaries} - known:
             os.killpg(worker.pid, signal.SIGSTOP)
             return state_of(api, run_id, START) == "running"
         time.sleep(0.01)
@@ -309,11 +334,14 @@ def test_worker_killed_during_start_reattaches_to_the_same_job(
     api: AirflowApi, deployment: AirflowDeployment, make_site: Callable[..., Site]
 ) -> None:
     site = make_site("--import-seconds", "3")
-    site.upload_sample("incoming/three/", seed=303)
     worker = deployment.component("worker")
     for attempt in range(1, 5):
-        run_id = api.trigger(DAG_ID, conf=site.conf("incoming/three/"), run_id=new_run_id("worker"))
-        if _freeze_worker_when_job_appears(deployment, api, site, run_id):
+        # A prefix of its own per attempt: the same objects would attach to the previous attempt's job.
+        prefix = f"incoming/three/{attempt}/"
+        site.upload_sample(prefix, seed=303 + attempt)
+        known = {job["jobId"] for job in site.jobs()}
+        run_id = api.trigger(DAG_ID, conf=site.conf(prefix), run_id=new_run_id("worker"))
+        if _freeze_worker_when_job_appears(deployment, api, site, run_id, known):
             print(f"caught the start task between its job and its success at attempt {attempt}")
             break
         # The start task had already recorded success: let this run finish and try a new one.
@@ -323,17 +351,17 @@ def test_worker_killed_during_start_reattaches_to_the_same_job(
         pytest.fail("never caught the start task between StartDICOMImportJob and its success")
 
     deployment.kill("worker")  # the frozen worker dies without reporting anything
-    assert len(site.jobs_of_run(run_id)) == 1
+    assert len(site.jobs_under(prefix)) == 1
     deployment.restart("worker")
     # The scheduler sees the heartbeat stop, fails the try and retries it on the new worker.
     run = api.wait_for_run(DAG_ID, run_id, timeout=420)
     assert run["state"] == "success", describe(api, run_id)
     start = ti_of(api, run_id, START)
     assert start["try_number"] >= 2, start
-    jobs = site.jobs_of_run(run_id)
+    jobs = site.jobs_under(prefix)
     assert len(jobs) == 1, jobs
-    assert api.xcom(DAG_ID, run_id, START, "jobId", map_index=0) == jobs[0]["jobId"]
-    assert_run_matches_manifest(api, site, run_id, "incoming/three/")
+    assert api.xcom(DAG_ID, run_id, START, map_index=0) == jobs[0]["jobId"]
+    assert_run_matches_manifest(api, site, run_id, prefix)
 
 
 # --- 4 ---------------------------------------------------------------------------------------------------
@@ -364,7 +392,7 @@ def test_endpoint_killed_mid_import_and_restarted(api: AirflowApi, make_site: Ca
     site = make_site("--import-seconds", "15")
     site.upload_sample("incoming/five/", seed=505, patients=2)
     run_id = api.trigger(DAG_ID, conf=site.conf("incoming/five/"), run_id=new_run_id("endpoint"))
-    job = wait_until(lambda: site.jobs_of_run(run_id), timeout=180, what="the import job")[0]
+    job = wait_until(lambda: site.jobs_under("incoming/five/"), timeout=180, what="the import job")[0]
     wait_until(lambda: site.job(job["jobId"])["jobStatus"] == "IN_PROGRESS", timeout=60, what="IN_PROGRESS")
     wait_until(lambda: state_of(api, run_id, WAIT) == "deferred", timeout=120, what="the sensor to defer")
     site.endpoint.kill()
@@ -391,35 +419,36 @@ def test_endpoint_killed_mid_import_and_restarted(api: AirflowApi, make_site: Ca
 # --- 6 ---------------------------------------------------------------------------------------------------
 
 
-def test_prefix_over_file_quota_fails_the_job_and_the_sensor(
-    api: AirflowApi, make_site: Callable[..., Site]
-) -> None:
-    site = make_site()
-    s3 = site.client("s3")
-    prefix = "incoming/quota/"
-    upload(((f"f{i:05d}.txt", b"x") for i in range(5_001)), s3, BUCKET, prefix)
-    run_id = api.trigger(DAG_ID, conf=site.conf(prefix), run_id=new_run_id("quota"))
+def test_failed_job_fails_the_sensor_and_the_run(api: AirflowApi, make_site: Callable[..., Site]) -> None:
+    """A job that ends FAILED (``--fail-jobs 1``: the endpoint fails the data store's first job) fails the sensor
+    at once with the service's message, skips the search, and the report fails the run."""
+    site = make_site("--fail-jobs", "1")
+    prefix = "incoming/failed/"
+    site.upload_sample(prefix, seed=606)
+    run_id = api.trigger(DAG_ID, conf=site.conf(prefix), run_id=new_run_id("failed"))
 
     def sensor_done() -> dict[str, Any] | None:
         ti = ti_of(api, run_id, WAIT)
         return ti if ti["state"] in {"up_for_retry", "failed"} else None
 
     sensor = wait_until(sensor_done, timeout=240, what="the sensor to fail")
-    jobs = site.jobs_of_run(run_id)
+    jobs = site.jobs_under(prefix)
     assert len(jobs) == 1, jobs
-    job = site.job(jobs[0]["jobId"])
+    job = jobs[0]
     assert job["jobStatus"] == "FAILED"
+    assert "INJECTED_FAILURE" in str(job["message"])
     log = api.task_log(DAG_ID, run_id, WAIT, sensor["try_number"], 0)
     assert f"DICOM import job {job['jobId']} FAILED" in log, log[-3000:]
     assert str(job["message"]) in log, log[-3000:]
-    assert state_of(api, run_id, SEARCH) in {None, "upstream_failed"}
     assert api.ti_states(DAG_ID, run_id).get(f"{SEARCH}[0]") != "success"
     # A FAILED job stays FAILED: the sensor fails at once instead of spending its retries.
     assert sensor["state"] == "failed", sensor
     assert sensor["try_number"] == 1, sensor
-    run = api.wait_for_run(DAG_ID, run_id, timeout=120)
+    run = api.wait_for_run(DAG_ID, run_id, timeout=180)
     assert run["state"] == "failed", run
     assert state_of(api, run_id, SEARCH) in {None, "upstream_failed", "removed", "skipped"}
+    assert api.ti_states(DAG_ID, run_id)[REPORT] == "failed", describe(api, run_id)
+    assert len(site.jobs()) == 1
 
 
 # --- 7 ---------------------------------------------------------------------------------------------------
@@ -557,14 +586,16 @@ def test_twenty_runs_at_once(
     api: AirflowApi, deployment: AirflowDeployment, make_site: Callable[..., Site]
 ) -> None:
     site = make_site("--import-seconds", "20")
-    prefix = "incoming/twenty/"
-    site.upload_sample(prefix, seed=1000, patients=1, series=1, instances=2)
     runs = 20
+    # One prefix per run: runs of the same objects would all attach to one job.
+    prefixes = [f"incoming/twenty/{i:02d}/" for i in range(runs)]
+    for i, prefix in enumerate(prefixes):
+        site.upload_sample(prefix, seed=1000 + i, patients=1, series=1, instances=2)
     started = time.monotonic()
     with deployment.sample("triggerer") as sampler:
         run_ids = [
             api.trigger(DAG_ID, conf=site.conf(prefix), run_id=new_run_id(f"twenty{i:02d}"))
-            for i in range(runs)
+            for i, prefix in enumerate(prefixes)
         ]
         max_deferred = 0
         pending = set(run_ids)

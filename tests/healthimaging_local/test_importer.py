@@ -228,3 +228,30 @@ def test_concurrent_reimports_of_one_series_get_consecutive_versions(tmp_path: P
         assert [v["versionId"] for v in listed["imageSetPropertiesList"]] == [
             str(v) for v in range(jobs, 0, -1)
         ]
+
+
+def test_fail_jobs_fails_the_first_jobs_of_each_datastore(tmp_path: Path) -> None:
+    """``--fail-jobs 2``: jobs 1 and 2 of every data store end FAILED with the injected message; job 3 runs."""
+    from healthimaging_local.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--state-dir", "s", "--fail-jobs", "2"]).fail_jobs == 2
+    assert build_parser().parse_args(["serve", "--state-dir", "s"]).fail_jobs == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--state-dir", "s", "--fail-jobs", "-1"])
+    with LocalEndpoint(tmp_path / "state", fail_jobs=2, rate_limits={}) as endpoint:
+        mi, s3 = endpoint.client("medical-imaging"), endpoint.client("s3")
+        upload(s3, "results", "", [])
+        upload(s3, "fail-in", "", synthetic(instances=2, seed=5))
+        stores = [create_active_datastore(mi, "first"), create_active_datastore(mi, "second")]
+        for datastore_id in stores:
+            outcomes = [run_import(mi, datastore_id, "s3://fail-in/", "s3://results/") for _ in range(3)]
+            assert [job["jobStatus"] for job in outcomes] == ["FAILED", "FAILED", "COMPLETED"]
+            for n, job in enumerate(outcomes[:2], start=1):
+                assert job["message"].startswith(f"DICOM import job has failed. INJECTED_FAILURE: job {n} ")
+                assert "--fail-jobs 2" in job["message"]
+            assert (
+                read_json(s3, outcomes[2]["outputS3Uri"] + "job-output-manifest.json")["jobSummary"][
+                    "numberOfImportedFiles"
+                ]
+                == 2
+            )

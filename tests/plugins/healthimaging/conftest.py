@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -79,6 +80,33 @@ def manifest(
     )
 
 
+def job_summary(job_id: str, status: str, submitted_at: datetime = SUBMITTED_AT) -> dict[str, Any]:
+    """A ListDICOMImportJobs ``jobSummaries`` item."""
+    return {
+        "jobId": job_id,
+        "jobName": "job",
+        "jobStatus": status,
+        "datastoreId": DATASTORE_ID,
+        "submittedAt": submitted_at,
+    }
+
+
+def expect_pace(
+    stubber: Stubber, submitted: tuple[datetime, ...] = (), in_progress: tuple[datetime, ...] = ()
+) -> None:
+    """Queue the two ListDICOMImportJobs calls of the start pace (one page each), jobs submitted at these times."""
+    for status, times in (("SUBMITTED", submitted), ("IN_PROGRESS", in_progress)):
+        stubber.add_response(
+            "list_dicom_import_jobs",
+            {
+                "jobSummaries": [
+                    job_summary(f"{status.lower()[:2]}{i:030x}", status, t) for i, t in enumerate(times)
+                ]
+            },
+            {"datastoreId": DATASTORE_ID, "jobStatus": status, "maxResults": 50},
+        )
+
+
 def failure_ndjson(*files: str) -> str:
     return "".join(
         json.dumps(
@@ -139,14 +167,32 @@ def put_job_outputs(s3: Any, body: str, failures: str | None = None) -> None:
         s3.put_object(Bucket="output-bucket", Key=f"{key}FAILURE/failure.ndjson", Body=failures.encode())
 
 
+class FakeStateStore:
+    """A dict-backed stand-in for Airflow's ``task_state_store`` (``get``/``set``, values must be JSON)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return json.loads(self.values[key]) if key in self.values else default
+
+    def set(self, key: str, value: Any, *, retention: Any = None) -> None:
+        self.values[key] = json.dumps(value)
+
+
 def make_context(
     dag_id: str = "dag",
     run_id: str = "manual__2025-03-01T12:00:00+00:00",
     task_id: str = "start",
     map_index: int = -1,
     try_number: int = 1,
+    store: FakeStateStore | None = None,
 ) -> dict[str, Any]:
-    """A task context with a mocked TaskInstance that records XCom pushes in ``ti.pushed``."""
+    """A task context with a mocked TaskInstance that records XCom pushes in ``ti.pushed``.
+
+    :param store: the task instance's ``task_state_store`` (a new empty one by default; pass the same one to
+        model a retry or a clear of the same task instance)
+    """
     ti = mock.MagicMock()
     ti.dag_id, ti.task_id, ti.map_index, ti.try_number, ti.run_id = (
         dag_id,
@@ -158,7 +204,13 @@ def make_context(
     ti.pushed = {}
     ti.xcom_push.side_effect = lambda key, value: ti.pushed.__setitem__(key, value)
     ti.get_first_reschedule_date.return_value = None
-    return {"ti": ti, "task_instance": ti, "run_id": run_id, "dag_run": mock.MagicMock(run_id=run_id)}
+    return {
+        "ti": ti,
+        "task_instance": ti,
+        "run_id": run_id,
+        "dag_run": mock.MagicMock(run_id=run_id),
+        "task_state_store": FakeStateStore() if store is None else store,
+    }
 
 
 @pytest.fixture
@@ -215,6 +267,19 @@ class Live:
         )
         return response["jobId"]
 
+    def wait_for_job(self, job_id: str, *statuses: str, timeout: float = 60.0) -> str:
+        """Poll GetDICOMImportJob until the job reaches one of ``statuses``; return that status."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.medical_imaging.get_dicom_import_job(datastoreId=self.datastore_id, jobId=job_id)[
+                "jobProperties"
+            ]["jobStatus"]
+            if status in statuses or time.monotonic() > deadline:
+                return str(status)
+            time.sleep(0.2)
+
     def jobs(self) -> list[dict[str, Any]]:
         return self.medical_imaging.list_dicom_import_jobs(datastoreId=self.datastore_id)["jobSummaries"]
 
@@ -234,15 +299,20 @@ def airflow_connection(url: str) -> str:
     )
 
 
-@pytest.fixture
-def live(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Live]:
-    """A local endpoint whose import jobs stay IN_PROGRESS for 3 s, with a data store and buckets ``input``/``output``."""
+@contextlib.contextmanager
+def running_endpoint(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, **endpoint_kwargs: Any
+) -> Iterator[Live]:
+    """A local endpoint with a data store and buckets ``input``/``output``, Airflow's default AWS connection on it.
+
+    :param endpoint_kwargs: arguments of ``LocalEndpoint`` (e.g. ``import_seconds``, ``max_concurrent_imports``)
+    """
     import time
 
     server = pytest.importorskip("healthimaging_local.server")
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)
-    with server.LocalEndpoint(tmp_path / "state", import_seconds=3) as endpoint:
+    with server.LocalEndpoint(tmp_path / "state", **endpoint_kwargs) as endpoint:
         monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", airflow_connection(endpoint.url))
         client = endpoint.client("medical-imaging")
         datastore_id = client.create_datastore(datastoreName="airflow-tests", clientToken="airflow-tests")[
@@ -297,3 +367,17 @@ def run_dag_test(tmp_path: Any, dag_source: str, runner: str, **env: str) -> tup
     result = json.loads(lines[-1].removeprefix("RESULT "))
     assert result["state"] == "success", done.stdout[-3000:]
     return result, output
+
+
+@pytest.fixture
+def live(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Live]:
+    """A local endpoint whose import jobs stay IN_PROGRESS for 3 s, with a data store and buckets ``input``/``output``."""
+    with running_endpoint(tmp_path, monkeypatch, import_seconds=3) as live:
+        yield live
+
+
+@pytest.fixture
+def live_slow(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Live]:
+    """As ``live``, with jobs IN_PROGRESS for 15 s: for tests that must see a job still running, on a loaded machine."""
+    with running_endpoint(tmp_path, monkeypatch, import_seconds=15) as live:
+        yield live

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from unittest import mock
+
 import pytest
 
 DAG_FILE = """
@@ -29,7 +32,7 @@ with DAG("healthimaging_classes", schedule=None):
     wait = DICOMImportJobSensor(
         task_id="wait",
         datastore_id=DATASTORE_ID,
-        job_id="{{ ti.xcom_pull(task_ids='start', key='jobId') }}",
+        job_id="{{ ti.xcom_pull(task_ids='start') }}",
         mode="reschedule",
         deferrable=False,
         poke_interval=1,
@@ -49,6 +52,7 @@ import json, sys
 from airflow.utils import db
 db.resetdb()
 from airflow.dag_processing.dagbag import DagBag
+from airflow.models.task_state_store import TaskStateStoreModel
 from airflow.models.xcom import XComModel
 from airflow.utils.session import create_session
 from sqlalchemy import select
@@ -57,7 +61,9 @@ run = DagBag().get_dag("healthimaging_classes").test()
 with create_session() as session:
     rows = session.scalars(select(XComModel).where(XComModel.dag_id == "healthimaging_classes"))
     xcoms = {f"{row.task_id}.{row.key}": row.value for row in rows}
-print("RESULT " + json.dumps({"state": str(run.state), "xcoms": xcoms}, default=str))
+    rows = session.scalars(select(TaskStateStoreModel).where(TaskStateStoreModel.dag_id == "healthimaging_classes"))
+    state = {f"{row.task_id}.{row.key}": row.value for row in rows}
+print("RESULT " + json.dumps({"state": str(run.state), "xcoms": xcoms, "task_state": state}, default=str))
 """
 
 
@@ -67,8 +73,15 @@ def test_start_wait_search_in_dag_test(live, tmp_path, kit) -> None:
     result, _ = kit.run_dag_test(tmp_path, DAG_FILE, RUNNER, TEST_DATASTORE_ID=live.datastore_id)
     xcoms = result["xcoms"]
     job_id = xcoms["start.return_value"]
-    assert xcoms["start.jobId"] == job_id
-    assert xcoms["start.datastoreId"] == live.datastore_id
+    assert xcoms["start.jobStatus"] == "SUBMITTED"
+    assert not {"start.jobId", "start.submittedAt", "start.datastoreId"} & set(xcoms)  # the job id once
+    # the job is kept in Airflow's own task_state_store, where a retry or a clear finds it
+    stored = result["task_state"]["start.healthimaging_import_job"]
+    assert (json.loads(stored) if isinstance(stored, str) else stored) == {
+        "jobId": job_id,
+        "clientToken": mock.ANY,
+        "request": mock.ANY,
+    }
     assert xcoms["start._link_HealthImagingImportJobLink"].endswith(
         f"/data-stores/{live.datastore_id}/import-jobs/{job_id}"
     )

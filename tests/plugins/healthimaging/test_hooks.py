@@ -6,16 +6,9 @@ from unittest import mock
 
 import pytest
 from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-from airflow.providers.common.compat.sdk import AirflowException
-from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import ClientError
 
-from healthimaging.hooks import (
-    IMPORT_JOB_WAITER,
-    HealthImagingHook,
-    check_failed_files,
-    is_transient_error,
-    to_iso,
-)
+from healthimaging.hooks import IMPORT_JOB_WAITER, HealthImagingHook
 
 
 def test_hook_is_thin() -> None:
@@ -28,6 +21,18 @@ def test_hook_is_thin() -> None:
     ]
     assert issubclass(HealthImagingHook, AwsBaseHook)
     assert HealthImagingHook(aws_conn_id=None).client_type == "medical-imaging"
+
+
+def test_hook_keeps_no_state_of_its_own() -> None:
+    """Issue 14: no settings passed through hook attributes; the hook holds what AwsBaseHook holds."""
+    own = {
+        name
+        for name, value in vars(HealthImagingHook).items()
+        if not callable(value) and not name.startswith("__")
+    }
+    assert own <= {"waiter_path", "s3_hook"}  # cached properties
+    base = AwsBaseHook(aws_conn_id=None, client_type="medical-imaging")
+    assert set(vars(HealthImagingHook(aws_conn_id=None))) == set(vars(base))
 
 
 def test_waiter_path_is_the_package_json() -> None:
@@ -72,7 +77,7 @@ def test_manifest_missing_after_all_attempts(s3, kit) -> None:
 
 def test_other_s3_errors_are_raised(s3) -> None:
     with pytest.raises(ClientError, match="NoSuchBucket"):
-        HealthImagingHook().read_s3_text("s3://no-such-bucket/x.json", attempts=1)
+        HealthImagingHook().read_s3_text("s3://no-such-bucket/x.json")
 
 
 def test_completed_job_result_reads_manifest_and_failures(s3, kit) -> None:
@@ -110,47 +115,3 @@ def test_failed_job_message_has_job_message_and_first_five_reasons(s3, kit) -> N
 def test_failed_job_message_without_outputs(s3, kit) -> None:
     text = HealthImagingHook().failed_job_message(kit.job_properties("FAILED"))
     assert text.endswith("FILE_COUNTS_LIMIT_EXCEEDED")
-
-
-@pytest.mark.parametrize(
-    ("error", "transient"),
-    [
-        (ClientError({"Error": {"Code": "ThrottlingException"}}, "GetDICOMImportJob"), True),
-        (ClientError({"Error": {"Code": "InternalServerException"}}, "GetDICOMImportJob"), True),
-        (ClientError({"Error": {"Code": "503"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "Get"), True),
-        (ClientError({"Error": {"Code": "ResourceNotFoundException"}}, "GetDICOMImportJob"), False),
-        (ClientError({"Error": {"Code": "AccessDeniedException"}}, "GetDICOMImportJob"), False),
-        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
-        (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
-        (ValueError("x"), False),
-    ],
-)
-def test_is_transient_error(error: Exception, transient: bool) -> None:
-    assert is_transient_error(error) is transient
-
-
-def test_is_transient_error_aiohttp() -> None:
-    import aiohttp
-
-    assert is_transient_error(aiohttp.ServerDisconnectedError())
-
-
-def _result(customer: int, server: int = 0) -> dict:
-    return {
-        "jobId": "j",
-        "numberOfFilesWithCustomerError": customer,
-        "numberOfFilesWithServerError": server,
-        "failedFiles": [{"inputFile": "a.dcm", "exceptionType": "ValidationException"}],
-    }
-
-
-def test_check_failed_files_policy() -> None:
-    assert check_failed_files(_result(0), None) is None
-    assert "2 failed file(s)" in check_failed_files(_result(1, 1), None)
-    assert check_failed_files(_result(2), 2) is not None
-    with pytest.raises(AirflowException, match="max_failed_files=1"):
-        check_failed_files(_result(2), 1)
-
-
-def test_to_iso_nested(kit) -> None:
-    assert to_iso({"a": [kit.ENDED_AT], "b": 1}) == {"a": [kit.ENDED_AT.isoformat()], "b": 1}

@@ -91,3 +91,14 @@ def test_operators_declare_the_links() -> None:
     assert {link.name for link in SearchImageSetsOperator.operator_extra_links} == {
         "HealthImaging Data Store"
     }
+
+
+def test_console_url_setting_moves_the_links(monkeypatch) -> None:
+    """Issue 12 item 8: an offline or other-partition console is a setting, read when the link is built."""
+    monkeypatch.setenv(
+        "AIRFLOW__HEALTHIMAGING__CONSOLE_URL", "http://console.internal:8080/hi?r={region_name}"
+    )
+    url = HealthImagingImportJobLink().format_link(
+        region_name="eu-west-1", aws_domain="aws.amazon.com", datastore_id=DS, job_id=JOB
+    )
+    assert url == f"http://console.internal:8080/hi?r=eu-west-1#/data-stores/{DS}/import-jobs/{JOB}"

@@ -8,15 +8,24 @@ from unittest import mock
 import jinja2
 import pytest
 from airflow.providers.common.compat.sdk import AirflowException
-from airflow.sdk.exceptions import TaskDeferred
+from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 
 from healthimaging.operators import (
+    MAX_TOKEN_CHAIN,
+    START_FATAL_CODES,
+    STATE_KEY,
     SearchImageSetsOperator,
     StartDICOMImportOperator,
     default_client_token,
     default_job_name,
+    next_client_token,
+    request_digest,
+    task_instance_scope,
 )
 from healthimaging.triggers import DICOMImportJobTrigger
+
+DIGEST = "0123456789abcdef" * 4
+OTHER_JOB = "0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +35,7 @@ def no_sleep():
 
 
 def _operator(kit, **kwargs) -> StartDICOMImportOperator:
+    """The operator on the kit's data store; the start pace is off unless a test is about it."""
     args = {
         "task_id": "start",
         "datastore_id": kit.DATASTORE_ID,
@@ -33,48 +43,86 @@ def _operator(kit, **kwargs) -> StartDICOMImportOperator:
         "input_s3_uri": kit.INPUT_URI,
         "output_s3_uri": kit.OUTPUT_URI,
         "waiter_delay": 0,
+        "pace_starts": False,
     }
     args.update(kwargs)
     return StartDICOMImportOperator(**args)
 
 
-def _start_response(kit) -> dict:
+def _start_response(kit, job_id: str | None = None, status: str = "SUBMITTED") -> dict:
     return {
         "datastoreId": kit.DATASTORE_ID,
-        "jobId": kit.JOB_ID,
-        "jobStatus": "SUBMITTED",
+        "jobId": job_id or kit.JOB_ID,
+        "jobStatus": status,
         "submittedAt": kit.SUBMITTED_AT,
     }
 
 
-def _expect_start(stubber, kit, context, **params) -> None:
-    expected = {
-        "jobName": default_job_name("dag", context["run_id"]),
+def _request(kit, context, **params) -> dict:
+    """The StartDICOMImportJob request the operator sends for ``context``, without its client token."""
+    request = {
+        "jobName": default_job_name(context["ti"].dag_id, context["run_id"], context["ti"].map_index),
         "dataAccessRoleArn": kit.ROLE_ARN,
-        "clientToken": default_client_token("dag", context["run_id"], "start", -1),
         "datastoreId": kit.DATASTORE_ID,
         "inputS3Uri": kit.INPUT_URI,
         "outputS3Uri": kit.OUTPUT_URI,
     }
-    expected.update(params)
-    stubber.add_response("start_dicom_import_job", _start_response(kit), expected)
+    request.update(params)
+    return request
 
 
-def _expect_job(stubber, kit, *statuses: str) -> None:
+def _ti_token(context, request: dict) -> str:
+    ti = context["ti"]
+    return default_client_token(
+        request, task_instance_scope(ti.dag_id, context["run_id"], ti.task_id, ti.map_index)
+    )
+
+
+def _expect_start(
+    stubber, kit, context, *, job_id: str | None = None, status: str = "SUBMITTED", **params
+) -> str:
+    """Queue one StartDICOMImportJob with the exact request expected; return the client token expected."""
+    token = params.pop("clientToken", None)
+    request = _request(kit, context, **params)
+    token = token or _ti_token(context, request)
+    stubber.add_response(
+        "start_dicom_import_job", _start_response(kit, job_id, status), {**request, "clientToken": token}
+    )
+    return token
+
+
+def _expect_job(stubber, kit, *statuses: str, job_id: str | None = None) -> None:
     for status in statuses:
         stubber.add_response(
             "get_dicom_import_job",
-            {"jobProperties": kit.job_properties(status)},
-            {"datastoreId": kit.DATASTORE_ID, "jobId": kit.JOB_ID},
+            {"jobProperties": kit.job_properties(status, jobId=job_id or kit.JOB_ID)},
+            {"datastoreId": kit.DATASTORE_ID, "jobId": job_id or kit.JOB_ID},
         )
+
+
+def _sent_tokens(stubber) -> list[str]:
+    """The client tokens of every StartDICOMImportJob the client sends from now on."""
+    sent: list[str] = []
+    stubber.client.meta.events.register(
+        "before-parameter-build.medical-imaging.StartDICOMImportJob",
+        lambda params, **_: sent.append(params["clientToken"]),
+    )
+    return sent
 
 
 @pytest.mark.parametrize(
     ("wait_for_completion", "deferrable"), [(False, False), (True, False), (False, True), (True, True)]
 )
 def test_start_matrix(stubber, s3, kit, context, wait_for_completion: bool, deferrable: bool) -> None:
-    op = _operator(kit, wait_for_completion=wait_for_completion, deferrable=deferrable, waiter_max_attempts=7)
-    _expect_start(stubber, kit, context)
+    op = _operator(
+        kit,
+        wait_for_completion=wait_for_completion,
+        deferrable=deferrable,
+        waiter_max_attempts=7,
+        pace_starts=True,
+    )
+    kit.expect_pace(stubber)
+    token = _expect_start(stubber, kit, context)
     if deferrable:
         with pytest.raises(TaskDeferred) as deferred:
             op.execute(context)
@@ -90,10 +138,8 @@ def test_start_matrix(stubber, s3, kit, context, wait_for_completion: bool, defe
             kit.put_job_outputs(s3, kit.manifest())
         assert op.execute(context) == kit.JOB_ID
     pushed = context["ti"].pushed
-    assert pushed["jobId"] == kit.JOB_ID
+    assert set(pushed) == {"jobStatus", "healthimaging_import_job", "healthimaging_datastore"}
     assert pushed["jobStatus"] == "SUBMITTED"
-    assert pushed["submittedAt"] == kit.SUBMITTED_AT.isoformat()
-    assert pushed["datastoreId"] == kit.DATASTORE_ID
     assert pushed["healthimaging_import_job"] == {
         "region_name": "us-east-1",
         "aws_domain": "aws.amazon.com",
@@ -101,6 +147,11 @@ def test_start_matrix(stubber, s3, kit, context, wait_for_completion: bool, defe
         "job_id": kit.JOB_ID,
     }
     assert pushed["healthimaging_datastore"]["datastore_id"] == kit.DATASTORE_ID
+    assert context["task_state_store"].get(STATE_KEY) == {
+        "jobId": kit.JOB_ID,
+        "clientToken": token,
+        "request": request_digest(_request(kit, context)),
+    }
 
 
 def test_sync_wait_failed_job_surfaces_message_and_reasons(stubber, s3, kit, context) -> None:
@@ -129,29 +180,56 @@ def test_explicit_job_name_token_and_owner(stubber, kit, context) -> None:
         stubber, kit, context, jobName="my-job", clientToken="tok-1", inputOwnerAccountId="123456789012"
     )
     assert op.execute(context) == kit.JOB_ID
+    assert context["task_state_store"].get(STATE_KEY)["clientToken"] == "tok-1"
 
 
 def test_client_token_is_stable_across_tries_and_differs_by_map_index(stubber, kit) -> None:
-    sent: list[dict] = []
-    stubber.client.meta.events.register(
-        "before-parameter-build.medical-imaging.StartDICOMImportJob",
-        lambda params, **_: sent.append(dict(params)),
-    )
+    sent = _sent_tokens(stubber)
     for try_number, map_index in [(1, 0), (2, 0), (5, 0), (1, 1)]:
         stubber.add_response("start_dicom_import_job", _start_response(kit))
+        # a new store each time: the token alone must bring a retry back to its job
         _operator(kit).execute(kit.make_context(map_index=map_index, try_number=try_number))
-    tokens = [params["clientToken"] for params in sent]
-    assert tokens[0] == tokens[1] == tokens[2]
-    assert tokens[3] != tokens[0]
-    assert len(tokens[0]) <= 64
+    assert sent[0] == sent[1] == sent[2]
+    assert sent[3] != sent[0]
+    assert len(sent[0]) <= 64
+
+
+def test_token_changes_with_every_request_member_and_with_the_scope() -> None:
+    request = {
+        "jobName": "job",
+        "dataAccessRoleArn": "arn:aws:iam::123456789012:role/ImportRole",
+        "datastoreId": "0" * 32,
+        "inputS3Uri": "s3://in/a/",
+        "outputS3Uri": "s3://out/b/",
+    }
+    scope = task_instance_scope("dag", "run", "start", 0)
+    token = default_client_token(request, scope)
+    changed = {name: {**request, name: value + "x"} for name, value in request.items()}
+    changed["inputOwnerAccountId"] = {**request, "inputOwnerAccountId": "123456789012"}
+    tokens = {name: default_client_token(other, scope) for name, other in changed.items()}
+    assert token not in tokens.values()
+    assert len(set(tokens.values())) == len(tokens)
+    for other_scope in (
+        task_instance_scope("dag", "run", "start", 1),
+        task_instance_scope("dag", "run2", "start", 0),
+        task_instance_scope("dag", "run", "other", 0),
+        task_instance_scope("dag2", "run", "start", 0),
+        f"content:{DIGEST}",
+    ):
+        assert default_client_token(request, other_scope) != token
+    # the token is not part of the request it identifies, and absent members are absent
+    assert default_client_token({**request, "clientToken": "t", "inputOwnerAccountId": None}, scope) == token
+    assert default_client_token(dict(reversed(request.items())), scope) == token
 
 
 def test_default_token_and_name_fit_the_model() -> None:
     import re
 
-    token = default_client_token("d" * 300, "r" * 300, "t", None)
+    request = {"jobName": "j" * 64, "inputS3Uri": "s3://b/" + "k" * 900}
+    token = default_client_token(request, task_instance_scope("d" * 300, "r" * 300, "t", None))
     assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}", token)
-    assert default_client_token("a", "b", "c", None) == default_client_token("a", "b", "c", -1)
+    assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}", next_client_token(token, OTHER_JOB))
+    assert task_instance_scope("a", "b", "c", None) == task_instance_scope("a", "b", "c", -1)
     name = default_job_name("my dag!" * 20, "manual__2025-03-01T12:00:00+00:00")
     assert re.fullmatch(r"[A-Za-z0-9._/#-]{1,64}", name)
     assert default_job_name("a" * 100, "run1") != default_job_name("a" * 100, "run2")
@@ -159,6 +237,113 @@ def test_default_token_and_name_fit_the_model() -> None:
         default_job_name("dag", "manual__2025-03-01T12:00:00+00:00")
         == "dag.manual__2025-03-01T12-00-00-00-00"
     )
+
+
+def test_content_scoped_token_is_equal_across_runs_and_map_indexes(stubber, kit) -> None:
+    sent = _sent_tokens(stubber)
+    contexts = [
+        kit.make_context(run_id="scheduled__2025-03-01", map_index=0),
+        kit.make_context(run_id="backfill__2025-03-01", map_index=4),
+        kit.make_context(run_id="manual__2025-03-02", task_id="import_dicom", map_index=-1),
+    ]
+    for context in contexts:
+        request = _request(kit, context, jobName=f"dag.{DIGEST[:16]}")
+        stubber.add_response(
+            "start_dicom_import_job",
+            _start_response(kit),
+            {**request, "clientToken": default_client_token(request, f"content:{DIGEST}")},
+        )
+        assert _operator(kit, content_digest=DIGEST).execute(context) == kit.JOB_ID
+    assert sent[0] == sent[1] == sent[2]
+    assert sent[0] != _ti_token(contexts[0], _request(kit, contexts[0], jobName=f"dag.{DIGEST[:16]}"))
+    # other content, other token
+    stubber.add_response("start_dicom_import_job", _start_response(kit))
+    _operator(kit, content_digest="f" * 64).execute(contexts[0])
+    assert sent[3] != sent[0]
+
+
+@pytest.mark.parametrize("status", ["SUBMITTED", "IN_PROGRESS", "COMPLETED"])
+def test_retry_or_clear_reattaches_from_the_store_without_a_start(stubber, kit, context, status) -> None:
+    _expect_start(stubber, kit, context)
+    _operator(kit).execute(context)
+    stored = context["task_state_store"].get(STATE_KEY)
+
+    # the next try of the same task instance: the store is the same, the pace is on
+    again = kit.make_context(try_number=2, store=context["task_state_store"])
+    _expect_job(stubber, kit, status)
+    assert _operator(kit, pace_starts=True).execute(again) == kit.JOB_ID
+    stubber.assert_no_pending_responses()  # no StartDICOMImportJob, no ListDICOMImportJobs
+    assert again["ti"].pushed["jobStatus"] == status
+    assert again["ti"].pushed["healthimaging_import_job"]["job_id"] == kit.JOB_ID
+    assert again["task_state_store"].get(STATE_KEY) == stored
+
+
+def test_stored_job_of_other_parameters_is_not_reattached(stubber, kit, context) -> None:
+    _expect_start(stubber, kit, context)
+    _operator(kit).execute(context)
+    # cleared after the input was changed: a new request, a new token, a new job
+    token = _expect_start(stubber, kit, context, job_id=OTHER_JOB, inputS3Uri="s3://input-bucket/other/")
+    assert _operator(kit, input_s3_uri="s3://input-bucket/other/").execute(context) == OTHER_JOB
+    assert context["task_state_store"].get(STATE_KEY)["clientToken"] == token
+
+
+def test_stored_failed_job_moves_to_the_next_token_and_a_new_job(stubber, kit, context) -> None:
+    first = _expect_start(stubber, kit, context)
+    _operator(kit).execute(context)
+
+    _expect_job(stubber, kit, "FAILED")
+    second = _expect_start(
+        stubber, kit, context, job_id=OTHER_JOB, clientToken=next_client_token(first, kit.JOB_ID)
+    )
+    assert _operator(kit).execute(context) == OTHER_JOB
+    assert context["task_state_store"].get(STATE_KEY) == {
+        "jobId": OTHER_JOB,
+        "clientToken": second,
+        "request": request_digest(_request(kit, context)),
+    }
+
+    # a third try finds the new job running
+    _expect_job(stubber, kit, "IN_PROGRESS", job_id=OTHER_JOB)
+    assert _operator(kit).execute(context) == OTHER_JOB
+
+
+def test_replayed_failed_job_walks_the_token_chain(stubber, kit, context) -> None:
+    first = _expect_start(stubber, kit, context, status="FAILED")
+    second = _expect_start(
+        stubber, kit, context, job_id=OTHER_JOB, clientToken=next_client_token(first, kit.JOB_ID)
+    )
+    assert _operator(kit).execute(context) == OTHER_JOB
+    assert context["ti"].pushed["jobStatus"] == "SUBMITTED"
+    assert context["task_state_store"].get(STATE_KEY)["clientToken"] == second
+    assert context["task_state_store"].get(STATE_KEY)["jobId"] == OTHER_JOB
+
+
+def test_explicit_client_token_of_a_failed_job_fails(stubber, kit, context) -> None:
+    _expect_start(stubber, kit, context, clientToken="tok-1", status="FAILED")
+    with pytest.raises(AirflowFailException, match=f"{kit.JOB_ID} of client_token tok-1 FAILED"):
+        _operator(kit, client_token="tok-1").execute(context)
+    assert context["task_state_store"].get(STATE_KEY) is None
+
+
+def test_explicit_client_token_of_a_stored_failed_job_fails_without_a_start(stubber, kit, context) -> None:
+    _expect_start(stubber, kit, context, clientToken="tok-1")
+    _operator(kit, client_token="tok-1").execute(context)
+    _expect_job(stubber, kit, "FAILED")
+    with pytest.raises(AirflowFailException, match="pass a new client_token"):
+        _operator(kit, client_token="tok-1").execute(context)
+
+
+def test_exhausted_token_chain_fails(stubber, kit, context) -> None:
+    token = _ti_token(context, _request(kit, context))
+    for i in range(MAX_TOKEN_CHAIN):
+        job_id = f"{i:032x}"
+        _expect_start(stubber, kit, context, job_id=job_id, status="FAILED", clientToken=token)
+        token = next_client_token(token, job_id)
+    with pytest.raises(
+        AirflowFailException, match=f"{MAX_TOKEN_CHAIN} import jobs of {kit.INPUT_URI} FAILED"
+    ):
+        _operator(kit).execute(context)
+    assert context["task_state_store"].get(STATE_KEY) is None
 
 
 @pytest.mark.parametrize(
@@ -173,11 +358,14 @@ def test_default_token_and_name_fit_the_model() -> None:
         ("client_token", "bad token", "client_token"),
         ("output_s3_uri", "s3://input-bucket/dicom/out/", "inside input_s3_uri"),
         ("output_s3_uri", "s3://input-bucket/dicom", "inside input_s3_uri"),
+        ("content_digest", "NOT-HEX-0123456789", "content_digest"),
+        ("content_digest", "abc", "content_digest"),
+        ("max_failed_files", "-1", "max_failed_files"),
     ],
 )
 def test_validation_before_any_call(stubber, kit, context, field: str, value: str, message: str) -> None:
-    op = _operator(kit, **{field: value})
-    with pytest.raises(ValueError, match=message):
+    op = _operator(kit, pace_starts=True, **{field: value})
+    with pytest.raises(AirflowFailException, match=message):
         op.execute(context)
     # the Stubber has no responses queued: any AWS call would have raised StubResponseError
 
@@ -202,22 +390,44 @@ def test_retries_are_bounded(stubber, kit, context, no_sleep) -> None:
         stubber.add_client_error(
             "start_dicom_import_job", service_error_code="ServiceQuotaExceededException", http_status_code=402
         )
-    with pytest.raises(AirflowException, match="ServiceQuotaExceededException"):
+    with pytest.raises(AirflowException, match="ServiceQuotaExceededException") as raised:
         _operator(kit, start_retries=2).execute(context)
+    assert not isinstance(raised.value, AirflowFailException)  # Airflow's own retries may still succeed
     assert no_sleep.call_count == 2
 
 
-def test_other_client_errors_fail_clearly(stubber, kit, context, no_sleep) -> None:
+@pytest.mark.parametrize("code", sorted(START_FATAL_CODES))
+def test_errors_a_retry_cannot_fix_fail_at_once(stubber, kit, context, no_sleep, code: str) -> None:
+    stubber.add_client_error(
+        "start_dicom_import_job", service_error_code=code, service_message="refused", http_status_code=400
+    )
+    with pytest.raises(AirflowFailException, match=f"data store {kit.DATASTORE_ID} failed: {code}: refused"):
+        _operator(kit).execute(context)
+    no_sleep.assert_not_called()
+    assert context["task_state_store"].get(STATE_KEY) is None
+
+
+def test_fatal_codes_are_the_documented_client_errors() -> None:
+    assert {
+        "ValidationException",
+        "ResourceNotFoundException",
+        "ConflictException",
+        "AccessDeniedException",
+    } == (START_FATAL_CODES)
+
+
+def test_other_client_errors_fail_the_try_only(stubber, kit, context, no_sleep) -> None:
     stubber.add_client_error(
         "start_dicom_import_job",
-        service_error_code="ConflictException",
-        service_message="token reused",
-        http_status_code=409,
+        service_error_code="InternalServerException",
+        service_message="try later",
+        http_status_code=500,
     )
     with pytest.raises(
-        AirflowException, match=f"data store {kit.DATASTORE_ID} failed: ConflictException: token reused"
-    ):
+        AirflowException, match=f"data store {kit.DATASTORE_ID} failed: InternalServerException: try later"
+    ) as raised:
         _operator(kit).execute(context)
+    assert not isinstance(raised.value, AirflowFailException)
     no_sleep.assert_not_called()
 
 
@@ -255,14 +465,16 @@ def test_template_rendering(kit, context) -> None:
         input_s3_uri="s3://input-bucket/{{ params.prefix }}/",
         job_name="{{ params.name }}",
         client_token="{{ params.token }}",
+        content_digest="{{ params.digest }}",
     )
-    context["params"] = {"ds": kit.DATASTORE_ID, "prefix": "p", "name": "n1", "token": "t1"}
+    context["params"] = {"ds": kit.DATASTORE_ID, "prefix": "p", "name": "n1", "token": "t1", "digest": DIGEST}
     op.render_template_fields(context, jinja_env=jinja2.Environment())
-    assert (op.datastore_id, op.input_s3_uri, op.job_name, op.client_token) == (
+    assert (op.datastore_id, op.input_s3_uri, op.job_name, op.client_token, op.content_digest) == (
         kit.DATASTORE_ID,
         "s3://input-bucket/p/",
         "n1",
         "t1",
+        DIGEST,
     )
     assert set(op.template_fields) >= {
         "datastore_id",
@@ -271,6 +483,7 @@ def test_template_rendering(kit, context) -> None:
         "output_s3_uri",
         "job_name",
         "client_token",
+        "content_digest",
         "aws_conn_id",
         "region_name",
         "verify",
@@ -279,20 +492,6 @@ def test_template_rendering(kit, context) -> None:
 
 def test_client_token_not_computed_in_init(kit) -> None:
     assert _operator(kit).client_token is None
-
-
-def test_check_input_quota_refuses_and_lists_sub_prefixes(stubber, s3, kit, context, monkeypatch) -> None:
-    monkeypatch.setattr("healthimaging.operators.MAX_FILES_PER_JOB", 3)
-    for name in ["a/1.dcm", "a/2.dcm", "a/3.dcm", "b/1.dcm", "top.dcm"]:
-        s3.put_object(Bucket="input-bucket", Key=f"dicom/{name}", Body=b"x")
-    with pytest.raises(AirflowException, match=r"holds 5 files(.|\n)*s3://input-bucket/dicom/a/: 3 files"):
-        _operator(kit, check_input_quota=True).execute(context)
-
-
-def test_check_input_quota_accepts_small_prefix(stubber, s3, kit, context) -> None:
-    s3.put_object(Bucket="input-bucket", Key="dicom/1.dcm", Body=b"x")
-    _expect_start(stubber, kit, context)
-    assert _operator(kit, check_input_quota=True).execute(context) == kit.JOB_ID
 
 
 # ---------------------------------------------------------------- SearchImageSetsOperator
@@ -671,27 +870,84 @@ def test_search_import_job_not_completed(stubber, kit, context) -> None:
 
 
 def _live_operator(live, **kwargs) -> StartDICOMImportOperator:
+    """The operator on the endpoint's data store; the start pace (test_pacing.py) is off unless asked for."""
     args = {
         "task_id": "start",
         "datastore_id": live.datastore_id,
         "data_access_role_arn": "arn:aws:iam::123456789012:role/ImportRole",
         "input_s3_uri": "s3://input/study/",
         "output_s3_uri": "s3://output/results/",
+        "pace_starts": False,
     }
     args.update(kwargs)
     return StartDICOMImportOperator(**args)
 
 
+@pytest.fixture
+def real_sleep(no_sleep):
+    """Really wait out the operator's backoff (the endpoint keeps StartDICOMImportJob's rate, 1/s, burst 2)."""
+    import time
+
+    no_sleep.side_effect = time.sleep
+    return no_sleep
+
+
 @pytest.mark.slow
-def test_start_twice_for_one_task_instance_starts_one_job(live, kit) -> None:
+def test_start_twice_for_one_task_instance_starts_one_job(live, kit, real_sleep) -> None:
     live.upload("study")
-    first = _live_operator(live).execute(kit.make_context(try_number=1))
-    again = _live_operator(live).execute(kit.make_context(try_number=2))
-    assert first == again
+    first_try = kit.make_context(try_number=1)
+    first = _live_operator(live).execute(first_try)
+    # a retry with the store: re-attached from it; one whose store was lost: the token replays the job
+    again = _live_operator(live).execute(kit.make_context(try_number=2, store=first_try["task_state_store"]))
+    lost = _live_operator(live).execute(kit.make_context(try_number=3))
+    assert first == again == lost
     assert [job["jobId"] for job in live.jobs()] == [first]
     other = _live_operator(live).execute(kit.make_context(map_index=3))
     assert other != first
     assert sorted(job["jobId"] for job in live.jobs()) == sorted([first, other])
+
+
+@pytest.mark.slow
+def test_same_content_in_two_runs_starts_one_job(live, kit, real_sleep) -> None:
+    live.upload("study")
+    digest = "ab" * 32
+    first = _live_operator(live, content_digest=digest).execute(
+        kit.make_context(run_id="scheduled__2025-03-01", map_index=0)
+    )
+    second_run = kit.make_context(run_id="backfill__2025-03-01", map_index=3)
+    assert _live_operator(live, content_digest=digest).execute(second_run) == first
+    assert [(job["jobId"], job["jobName"]) for job in live.jobs()] == [(first, f"dag.{digest[:16]}")]
+    assert live.wait_for_job(first, "COMPLETED", "FAILED") == "COMPLETED"
+    # a later run of the same content gets the COMPLETED job: nothing is imported twice
+    third_run = kit.make_context(run_id="manual__2025-03-02")
+    assert _live_operator(live, content_digest=digest).execute(third_run) == first
+    assert third_run["ti"].pushed["jobStatus"] == "COMPLETED"
+    assert len(live.jobs()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("same_store", [True, False], ids=["store-kept", "store-lost"])
+def test_failed_job_then_clear_starts_a_new_job(live, kit, real_sleep, same_store: bool) -> None:
+    uri = "s3://late/study/"  # the bucket does not exist yet: the job FAILS
+    store = kit.FakeStateStore()
+    failed = _live_operator(live, input_s3_uri=uri).execute(kit.make_context(store=store))
+    assert live.wait_for_job(failed, "COMPLETED", "FAILED") == "FAILED"
+
+    # the cause fixed, the task cleared
+    live.s3.create_bucket(Bucket="late")
+    for key, body in live.sample_files(2, 2, 0):
+        live.s3.put_object(Bucket="late", Key=f"study/{key}", Body=body)
+    cleared = kit.make_context(try_number=2, store=store if same_store else None)
+    new = _live_operator(live, input_s3_uri=uri, wait_for_completion=True, waiter_delay=1).execute(cleared)
+    assert new != failed
+    assert {job["jobId"]: job["jobStatus"] for job in live.jobs()} == {failed: "FAILED", new: "COMPLETED"}
+    assert cleared["task_state_store"].get(STATE_KEY)["jobId"] == new
+
+    # cleared once more: the COMPLETED job again, no third job
+    again = kit.make_context(try_number=3, store=cleared["task_state_store"])
+    assert _live_operator(live, input_s3_uri=uri).execute(again) == new
+    assert again["ti"].pushed["jobStatus"] == "COMPLETED"
+    assert len(live.jobs()) == 2
 
 
 @pytest.mark.slow
@@ -701,7 +957,8 @@ def test_start_and_wait_against_endpoint(live, kit) -> None:
     job_id = _live_operator(live, wait_for_completion=True, waiter_delay=1, waiter_max_attempts=30).execute(
         context
     )
-    assert context["ti"].pushed["jobId"] == job_id
+    assert context["task_state_store"].get(STATE_KEY)["jobId"] == job_id
+    assert context["ti"].pushed["jobStatus"] == "SUBMITTED"
     assert live.jobs()[0]["jobStatus"] == "COMPLETED"
 
 
@@ -715,7 +972,7 @@ def test_start_deferrable_against_endpoint(live, kit) -> None:
     with pytest.raises(TaskDeferred) as deferred:
         op.execute(context)
     event = asyncio.run(deferred.value.trigger.run().asend(None))
-    assert op.execute_complete(context, event.payload) == context["ti"].pushed["jobId"]
+    assert op.execute_complete(context, event.payload) == context["task_state_store"].get(STATE_KEY)["jobId"]
 
 
 @pytest.mark.slow
@@ -808,3 +1065,38 @@ def test_search_import_job_reads_changed_image_sets_one_by_one_with_the_same_sum
     assert looked_up["imageSetsMetadataSummaries"] == searched["imageSetsMetadataSummaries"]
     with pytest.raises(AirflowException, match="max_image_set_lookups=1"):
         search(first, max_image_set_lookups=1)
+
+
+def test_sync_wait_without_manifest_fails_as_the_sensor_does(stubber, s3, kit, context) -> None:
+    """Issue 13: one max_failed_files rule; a manifest that never appears fails the wait (it no longer only warns)."""
+    op = _operator(kit, wait_for_completion=True, max_failed_files=0)
+    _expect_start(stubber, kit, context)
+    _expect_job(stubber, kit, "COMPLETED", "COMPLETED")
+    with (
+        mock.patch("healthimaging.hooks.time.sleep"),
+        pytest.raises(AirflowException, match="job-output-manifest.json was not found") as raised,
+    ):
+        op.execute(context)
+    assert f"DICOM import job {kit.JOB_ID} is COMPLETED" in str(raised.value)
+
+
+@pytest.mark.slow
+def test_missing_manifest_is_one_rule_for_operator_and_sensor(live, kit) -> None:
+    from healthimaging.sensors import DICOMImportJobSensor
+
+    live.upload("study")
+    op = _live_operator(live, wait_for_completion=True, waiter_delay=1, waiter_max_attempts=30)
+    job_id = op.execute(kit.make_context())
+    job = live.medical_imaging.get_dicom_import_job(datastoreId=live.datastore_id, jobId=job_id)[
+        "jobProperties"
+    ]
+    folder = job["outputS3Uri"].removeprefix("s3://output/").rstrip("/")
+    live.s3.delete_object(Bucket="output", Key=f"{folder}/job-output-manifest.json")
+    sensor = DICOMImportJobSensor(task_id="wait", datastore_id=live.datastore_id, job_id=job_id)
+    sensor.manifest_delay = 0
+    with mock.patch("healthimaging.hooks.time.sleep"):
+        with pytest.raises(AirflowException, match="was not found") as from_operator:
+            op._check_completed(job_id)
+        with pytest.raises(AirflowException, match="was not found") as from_sensor:
+            sensor.execute_complete(kit.make_context(), {"status": "success", "job_id": job_id})
+    assert str(from_operator.value) == str(from_sensor.value)

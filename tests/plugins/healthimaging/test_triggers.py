@@ -3,14 +3,14 @@ from __future__ import annotations
 import asyncio
 from unittest import mock
 
-import boto3
 import pytest
 from airflow.providers.amazon.aws.hooks.base_aws import AwsGenericHook
 from airflow.triggers.base import TaskSuccessEvent, TriggerEvent
-from botocore.exceptions import EndpointConnectionError, WaiterError
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError, WaiterError
 
+from healthimaging import triggers
 from healthimaging.hooks import HealthImagingHook
-from healthimaging.triggers import DICOMImportJobTrigger
+from healthimaging.triggers import DICOMImportJobTrigger, is_transient_error
 
 DS = "0123456789abcdef0123456789abcdef"
 JOB = "fedcba9876543210fedcba9876543210"
@@ -44,6 +44,7 @@ def test_serialize() -> None:
         "max_failed_files": None,
         "manifest_attempts": 3,
         "manifest_delay": 2.0,
+        "do_xcom_push": True,
         "waiter_delay": 0,
         "waiter_max_attempts": 5,
         "aws_conn_id": "hi",
@@ -244,11 +245,8 @@ async def test_end_from_trigger_resumes_on_a_worker_when_the_manifest_cannot_be_
     client.__aexit__ = mock.AsyncMock(return_value=False)
     client.get_dicom_import_job = mock.AsyncMock(return_value={"jobProperties": job})
     result = mock.AsyncMock(side_effect=[outcome]) if outcome else mock.AsyncMock(return_value=None)
-    with (
-        mock.patch.object(HealthImagingHook, "get_async_conn", mock.AsyncMock(return_value=client)),
-        mock.patch.object(HealthImagingHook, "async_completed_job_result", result),
-    ):
-        event = await _trigger(end_from_trigger=True)._task_end_event()
+    with mock.patch.object(HealthImagingHook, "async_completed_job_result", result):
+        event = await _trigger(end_from_trigger=True)._task_end_event(HealthImagingHook(), client)
     assert event is None
     result.assert_awaited_once()
 
@@ -314,29 +312,21 @@ async def test_polls_come_waiter_delay_apart_on_average() -> None:
     assert async_wait.await_args.args[0]._jitter == 2
 
 
-def test_poll_jitter_defaults_to_a_tenth_of_the_delay_and_reaches_the_async_waiter() -> None:
+def test_poll_jitter_defaults_to_a_tenth_of_the_delay() -> None:
     assert _trigger(waiter_delay=30).poll_jitter == 3.0
     assert _trigger(waiter_delay=30, poll_jitter=0).poll_jitter == 0.0
-    hook = _trigger(waiter_delay=30, poll_jitter=7).hook()
-    assert hook.poll_jitter == 7
-    client = boto3.client(
-        "medical-imaging", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
-    )
-    waiter = hook.get_waiter("dicom_import_job_complete", deferrable=True, client=client)
-    assert waiter._jitter == 7  # type: ignore[attr-defined]
+    assert _trigger(waiter_delay=30, poll_jitter=7).poll_jitter == 7.0
 
 
 @pytest.mark.asyncio
 async def test_every_async_poll_waits_a_fresh_random_jitter() -> None:
-    from healthimaging import hooks
-
     inner = mock.MagicMock()
     inner.wait = mock.AsyncMock()
-    waiter = hooks._AsyncTransientTolerantWaiter(inner, jitter=4.0)
+    waiter = triggers.AsyncTransientTolerantWaiter(inner, jitter=4.0)
     with (
-        mock.patch.object(hooks.TRIGGERER_POLL_RATE, "acquire", new=mock.AsyncMock()),
-        mock.patch.object(hooks.asyncio, "sleep", new=mock.AsyncMock()) as sleep,
-        mock.patch.object(hooks.random, "uniform", side_effect=[1.5, 3.25]) as uniform,
+        mock.patch.object(triggers.triggerer_poll_rate(), "acquire", new=mock.AsyncMock()),
+        mock.patch.object(triggers.asyncio, "sleep", new=mock.AsyncMock()) as sleep,
+        mock.patch.object(triggers.random, "uniform", side_effect=[1.5, 3.25]) as uniform,
     ):
         await waiter.wait(datastoreId=DS, jobId=JOB)
         await waiter.wait(datastoreId=DS, jobId=JOB)
@@ -347,9 +337,7 @@ async def test_every_async_poll_waits_a_fresh_random_jitter() -> None:
 
 @pytest.mark.asyncio
 async def test_poll_rate_limiter_spaces_calls_of_one_process() -> None:
-    from healthimaging.hooks import PollRateLimiter
-
-    limiter = PollRateLimiter(rate=50.0)
+    limiter = triggers.PollRateLimiter(rate=50.0)
     loop = asyncio.get_running_loop()
     starts = []
     for _ in range(11):
@@ -357,7 +345,7 @@ async def test_poll_rate_limiter_spaces_calls_of_one_process() -> None:
         starts.append(loop.time())
     # 11 calls at 50 per second take at least 10 intervals of 20 ms, however fast the caller asks.
     assert starts[-1] - starts[0] >= 10 / 50.0 - 0.005
-    unlimited = PollRateLimiter(rate=0)
+    unlimited = triggers.PollRateLimiter(rate=0)
     before = loop.time()
     for _ in range(100):
         await unlimited.acquire()
@@ -366,11 +354,73 @@ async def test_poll_rate_limiter_spaces_calls_of_one_process() -> None:
 
 @pytest.mark.asyncio
 async def test_async_polls_go_through_the_process_rate_limiter() -> None:
-    from healthimaging import hooks
-
     inner = mock.MagicMock()
     inner.wait = mock.AsyncMock()
-    with mock.patch.object(hooks.TRIGGERER_POLL_RATE, "acquire", new=mock.AsyncMock()) as acquire:
-        await hooks._AsyncTransientTolerantWaiter(inner).wait(datastoreId=DS, jobId=JOB)
+    with mock.patch.object(triggers.triggerer_poll_rate(), "acquire", new=mock.AsyncMock()) as acquire:
+        await triggers.AsyncTransientTolerantWaiter(inner).wait(datastoreId=DS, jobId=JOB)
     acquire.assert_awaited_once()
     inner.wait.assert_awaited_once()
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (ClientError({"Error": {"Code": "ThrottlingException"}}, "GetDICOMImportJob"), True),
+        (ClientError({"Error": {"Code": "InternalServerException"}}, "GetDICOMImportJob"), True),
+        (ClientError({"Error": {"Code": "503"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "Get"), True),
+        (ClientError({"Error": {"Code": "ResourceNotFoundException"}}, "GetDICOMImportJob"), False),
+        (ClientError({"Error": {"Code": "AccessDeniedException"}}, "GetDICOMImportJob"), False),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
+        (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
+        (ValueError("x"), False),
+    ],
+)
+def test_is_transient_error(error: Exception, transient: bool) -> None:
+    assert is_transient_error(error) is transient
+
+
+def test_is_transient_error_aiohttp() -> None:
+    import aiohttp
+
+    assert is_transient_error(aiohttp.ServerDisconnectedError())
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_connection_is_resolved_once_per_trigger_run(live, caplog) -> None:
+    """Issue 12 item 6: one "credentials retrieved" line per run (polls, the end-of-task read and S3 included)."""
+    from airflow.providers.amazon.aws.utils.connection_wrapper import AwsConnectionWrapper
+
+    job_id, trigger = _job_with_one_non_dicom_file(live, max_failed_files=1)
+    resolve = AwsConnectionWrapper._get_credentials
+    with (
+        caplog.at_level("INFO", logger="airflow.providers.amazon.aws.utils.waiter_with_logging"),
+        mock.patch.object(
+            AwsConnectionWrapper, "_get_credentials", autospec=True, side_effect=resolve
+        ) as lookups,
+    ):
+        event = await trigger.run().asend(None)
+    assert isinstance(event, TaskSuccessEvent)
+    assert caplog.text.count(f"Status of DICOM import job {job_id} is") >= 2
+    # AwsConnectionWrapper._get_credentials is what logs "... credentials retrieved from login and password".
+    assert lookups.call_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_end_from_trigger_pushes_nothing_without_do_xcom_push(live) -> None:
+    _, trigger = _job_with_one_non_dicom_file(live, max_failed_files=1)
+    trigger.do_xcom_push = False
+    event = await trigger.run().asend(None)
+    assert isinstance(event, TaskSuccessEvent)
+    assert event.xcoms is None
+
+
+def test_triggerer_poll_rate_comes_from_the_config_at_first_use(monkeypatch) -> None:
+    triggers.triggerer_poll_rate.cache_clear()
+    monkeypatch.setenv("AIRFLOW__HEALTHIMAGING__TRIGGERER_MAX_POLLS_PER_SECOND", "5")
+    try:
+        assert triggers.triggerer_poll_rate().rate == 5.0
+        assert triggers.triggerer_poll_rate() is triggers.triggerer_poll_rate()  # one per triggerer process
+    finally:
+        triggers.triggerer_poll_rate.cache_clear()

@@ -10,6 +10,7 @@ from airflow.providers.amazon.aws.utils.waiter_with_logging import wait
 from botocore.exceptions import EndpointConnectionError, WaiterError
 
 from healthimaging.hooks import IMPORT_JOB_WAITER, WAITERS_PATH, HealthImagingHook, import_job_states
+from healthimaging.triggers import TransientTolerantWaiter
 
 
 def _acceptors() -> list[dict]:
@@ -50,7 +51,7 @@ def _expect(stubber, kit, *statuses: str) -> None:
 
 def _wait(attempts: int = 5) -> None:
     wait(
-        waiter=HealthImagingHook().get_waiter(IMPORT_JOB_WAITER),
+        waiter=TransientTolerantWaiter(HealthImagingHook().get_waiter(IMPORT_JOB_WAITER)),  # type: ignore[arg-type]
         waiter_delay=0,
         waiter_max_attempts=attempts,
         args={"datastoreId": "0123456789abcdef0123456789abcdef", "jobId": "fedcba9876543210fedcba9876543210"},
@@ -102,7 +103,7 @@ def test_waiter_fails_on_not_found(stubber, kit) -> None:
 
 
 def test_waiter_waits_out_dropped_connection(stubber, kit) -> None:
-    waiter = HealthImagingHook().get_waiter(IMPORT_JOB_WAITER)
+    waiter = TransientTolerantWaiter(HealthImagingHook().get_waiter(IMPORT_JOB_WAITER))
     inner = mock.MagicMock()
     inner.wait.side_effect = [EndpointConnectionError(endpoint_url="http://x"), None]
     waiter._waiter = inner
