@@ -34,7 +34,7 @@ pytestmark = pytest.mark.deployment
 
 DAG_ID = "healthimaging_import_dicom_and_search"
 RESOLVE = "resolve_imports"
-START = "import_dicom.start_import_job"
+START = "start_imports"  # one task starts every chunk's job, at the pace
 WAIT = "import_dicom.wait_for_import_job"
 SEARCH = "import_dicom.search_image_sets"
 PUBLISH = "import_dicom.publish_image_sets"
@@ -192,15 +192,12 @@ def api(deployment: AirflowDeployment) -> AirflowApi:
 
 
 def started_job_ids(api: AirflowApi, run_id: str) -> list[str]:
-    """The job id (``return_value`` of the start task) of every map index of the run that has one."""
-    ids = []
-    for ti in api.task_instances(DAG_ID, run_id):
-        if ti["task_id"] == START:
-            try:
-                ids.append(str(api.xcom(DAG_ID, run_id, START, map_index=ti["map_index"])))
-            except KeyError:
-                continue
-    return ids
+    """The job id of every chunk of the run that was started (``start_imports``' XCom ``jobs``, in chunk order)."""
+    return [str(job_id) for job_id in api.xcom(DAG_ID, run_id, START, "jobs") if job_id]
+
+
+def start_state(api: AirflowApi, run_id: str) -> str | None:
+    return api.ti_states(DAG_ID, run_id).get(START)
 
 
 def new_run_id(label: str) -> str:
@@ -221,12 +218,7 @@ def describe(api: AirflowApi, run_id: str) -> str:
 
 def assert_run_matches_manifest(api: AirflowApi, site: Site, run_id: str, prefix: str) -> dict[str, Any]:
     """The run's XCom (sensor and search) equals the job's output manifest; returns the sensor result."""
-    job_id = api.xcom(DAG_ID, run_id, START, "return_value", map_index=0)
-    assert api.xcom(DAG_ID, run_id, START, "jobStatus", map_index=0) in {
-        "SUBMITTED",
-        "IN_PROGRESS",
-        "COMPLETED",
-    }
+    job_id = started_job_ids(api, run_id)[0]
     manifest = site.manifest(job_id)
     result = api.xcom(DAG_ID, run_id, WAIT, "return_value", map_index=0)
     assert result["jobId"] == job_id
@@ -294,7 +286,7 @@ def test_triggerer_killed_while_deferred(
     site.upload_sample("incoming/two/", seed=202)
     run_id = api.trigger(DAG_ID, conf=site.conf("incoming/two/"), run_id=new_run_id("triggerer"))
     wait_until(lambda: state_of(api, run_id, WAIT) == "deferred", timeout=180, what="the sensor to defer")
-    job_id = api.xcom(DAG_ID, run_id, START, map_index=0)
+    job_id = started_job_ids(api, run_id)[0]
     old = set(deployment.pids("triggerer"))
     deployment.kill("triggerer")
     assert living(old) == []
@@ -325,7 +317,7 @@ def _freeze_worker_when_job_appears(
         summaries = client.list_dicom_import_jobs(datastoreId=site.datastore_id)["jobSummaries"]
         if {job["jobId"] for job in summaries} - known:
             os.killpg(worker.pid, signal.SIGSTOP)
-            return state_of(api, run_id, START) == "running"
+            return start_state(api, run_id) == "running"
         time.sleep(0.01)
     raise TimeoutError(f"no job for {run_id}: {describe(api, run_id)}")
 
@@ -356,11 +348,11 @@ def test_worker_killed_during_start_reattaches_to_the_same_job(
     # The scheduler sees the heartbeat stop, fails the try and retries it on the new worker.
     run = api.wait_for_run(DAG_ID, run_id, timeout=420)
     assert run["state"] == "success", describe(api, run_id)
-    start = ti_of(api, run_id, START)
+    start = api.task_instance(DAG_ID, run_id, START)
     assert start["try_number"] >= 2, start
     jobs = site.jobs_under(prefix)
     assert len(jobs) == 1, jobs
-    assert api.xcom(DAG_ID, run_id, START, map_index=0) == jobs[0]["jobId"]
+    assert started_job_ids(api, run_id) == [jobs[0]["jobId"]]
     assert_run_matches_manifest(api, site, run_id, prefix)
 
 
