@@ -124,7 +124,7 @@ CATALOGUE: dict[str, Case] = {
     "start-client-token": start({"client_token": "tok!"}, "client_token 'tok!' does not match"),
     "start-owner-account": start({"input_owner_account_id": "12"}, "input_owner_account_id"),
     "start-output-inside-input": start({"output_s3_uri": IN + "out/"}, "is equal to or inside input_s3_uri"),
-    "start-output-equals-input": start({"output_s3_uri": IN}, "the job would import its own files"),
+    "start-output-equals-input": start({"output_s3_uri": IN}, "the job would import its own"),
     "start-output-input-no-slash": start(
         {"input_s3_uri": "s3://catalogue-in/dicom", "output_s3_uri": "s3://catalogue-in/dicom/out/"},
         "is equal to or inside input_s3_uri",

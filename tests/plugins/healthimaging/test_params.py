@@ -186,7 +186,11 @@ class TestResolveInputs:
 
     @pytest.mark.parametrize(
         "nested",
-        [["s3://bkt/day/", "s3://bkt/day/P1/"], ["s3://bkt/day/P1", "s3://bkt/day/P10/"], ["s3://bkt/x/", "s3://bkt/x/"]],
+        [
+            ["s3://bkt/day/", "s3://bkt/day/P1/"],
+            ["s3://bkt/day/P1", "s3://bkt/day/P10/"],
+            ["s3://bkt/x/", "s3://bkt/x/"],
+        ],
     )
     def test_nested_input_prefixes_are_refused(self, nested: list[str]) -> None:
         """Overlapping prefixes would import their common files twice (review finding); duplicates fold into one."""
