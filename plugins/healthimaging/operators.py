@@ -6,7 +6,7 @@ import hashlib
 import json
 import random
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from time import sleep
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,8 @@ TOKEN_SCHEME = "healthimaging-token/2"
 MAX_TOKEN_CHAIN = 20
 #: task_state_store key of the job a task instance started (survives retries and clears of the same run).
 STATE_KEY = "healthimaging_import_job"
+#: Clock difference tolerated between this machine and the service when telling a replayed token's job apart.
+REPLAY_SKEW = timedelta(seconds=30)
 #: Job name of a content-scoped import: this and the first 16 hex of the content digest.
 CONTENT_JOB_PREFIX = "dicom-import"
 
@@ -111,6 +113,18 @@ def default_job_name(dag_id: str, run_id: str, map_index: int | None = None) -> 
     )
 
 
+def _replayed(response: Mapping[str, Any], called: datetime) -> bool:
+    """Whether a StartDICOMImportJob answer names a job submitted before the call (a replayed token).
+
+    :param response: the answer
+    :param called: when the call was made (this machine's clock; ``REPLAY_SKEW`` absorbs the difference)
+    """
+    submitted = response.get("submittedAt")
+    if isinstance(submitted, (int, float)):
+        submitted = datetime.fromtimestamp(submitted, UTC)
+    return isinstance(submitted, datetime) and submitted < called - REPLAY_SKEW
+
+
 def _map_index(context: Context) -> int | None:
     map_index = getattr(context["ti"], "map_index", None)
     return map_index if isinstance(map_index, int) else None
@@ -155,8 +169,9 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
     :param start_retries: retries of StartDICOMImportJob on throttling or ServiceQuotaExceeded
     :param pace_starts: keep the ``[healthimaging]`` start pace: defer while the data store is full or the last start
         is too recent (the deferral needs a triggerer; without one, pass False and rely on the start retries)
-    :param confirm_status: after each StartDICOMImportJob, read the job's status with GetDICOMImportJob (a replayed
-        token's answer may be its first response, so a FAILED job would look SUBMITTED)
+    :param confirm_status: when StartDICOMImportJob answers with a job submitted before the call (a replayed token),
+        read its status with GetDICOMImportJob: the answer may be its first response, so a FAILED job would look
+        SUBMITTED and be re-attached for ever
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates
@@ -300,10 +315,12 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         for _ in range(MAX_TOKEN_CHAIN):
             if before_start is not None:
                 before_start()
+            called = datetime.now(UTC)
             response = self._start_with_retries({**request, "clientToken": token})
             status = str(response["jobStatus"])
-            if self.confirm_status and status not in failure:
+            if self.confirm_status and status not in failure and _replayed(response, called):
                 # A replayed token may answer with the job's first response (AWS documents neither): ask the job.
+                # A job this call created is left to the sensor, even if it failed at once: no silent restart.
                 status = str(self.hook.get_import_job(self.datastore_id, response["jobId"])["jobStatus"])
             if status not in failure:
                 break

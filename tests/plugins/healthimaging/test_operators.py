@@ -1120,3 +1120,14 @@ def test_a_replay_answering_submitted_is_confirmed_and_a_failed_job_followed(
     stored = context["task_state_store"].get(STATE_KEY)
     assert stored["jobId"] == kit.JOB_ID
     assert stored["clientToken"] == next_client_token(op._token(context, op._request(context)), first)
+
+
+def test_a_job_this_call_created_is_not_confirmed_so_an_instant_failure_is_the_sensors(
+    stubber, s3, kit, context
+) -> None:
+    """Only a replayed token's answer is checked: a fresh job that fails at once is not silently replaced."""
+    from datetime import UTC, datetime
+
+    op = _operator(kit, confirm_status=True)
+    stubber.add_response("start_dicom_import_job", {**_start_response(kit), "submittedAt": datetime.now(UTC)})
+    assert op.execute(context) == kit.JOB_ID  # no GetDICOMImportJob queued: the Stubber would fail on one
