@@ -131,11 +131,18 @@ def main() -> None:
     parser.add_argument("--import-seconds", type=float, default=60.0)
     parser.add_argument("--start-rate", type=float, default=0.25)
     parser.add_argument("--worker-concurrency", type=int, default=8)
+    parser.add_argument(
+        "--max-files-per-job",
+        type=int,
+        default=5000,
+        help="[healthimaging] max_files_per_job (chunks of the day)",
+    )
     parser.add_argument("--skip", choices=("day", "prefixes"), action="append", default=[])
     args = parser.parse_args()
     env = {
         "AIRFLOW__HEALTHIMAGING__START_RATE": str(args.start_rate),
         "AIRFLOW__HEALTHIMAGING__POLL_INTERVAL": "5",
+        "AIRFLOW__HEALTHIMAGING__MAX_FILES_PER_JOB": str(args.max_files_per_job),
     }
     dag_files = {p.name: str(p) for p in (ROOT / "dags").iterdir() if p.suffix in (".py", ".md")}
     result: dict[str, Any] = {
