@@ -173,10 +173,12 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     from airflow.sdk import get_current_context
 
+    from healthimaging.hooks import HealthImagingHook
     from healthimaging.pacing import StartPace, StartPacer
 
     context = get_current_context()
     pace = StartPace.from_config()
+    hook = HealthImagingHook(aws_conn_id=config.aws_conn_id())  # one client for every chunk's operator
     pacers: dict[str, StartPacer] = {}
     started: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
@@ -196,11 +198,10 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
             aws_conn_id=config.aws_conn_id(),
         )
         # [END howto_operator_start_dicom_import]
+        operator.hook = hook
         pacer = pacers.get(chunk["datastore_id"])
         if pacer is None:
-            pacer = pacers[chunk["datastore_id"]] = StartPacer(
-                operator.hook.conn, chunk["datastore_id"], pace
-            )
+            pacer = pacers[chunk["datastore_id"]] = StartPacer(hook.conn, chunk["datastore_id"], pace)
         try:
             job_id, status = operator.start_job(
                 context, state_key=f"job:{chunk['content_digest']}", before_start=pacer

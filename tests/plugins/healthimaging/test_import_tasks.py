@@ -57,7 +57,7 @@ def _run(
         mock.patch("airflow.sdk.get_current_context", return_value=context),
         mock.patch.object(import_tasks.StartDICOMImportOperator, "start_job", start_job),
         mock.patch("healthimaging.pacing.StartPacer"),
-        mock.patch.object(import_tasks.StartDICOMImportOperator, "hook", mock.Mock()),
+        mock.patch("healthimaging.hooks.HealthImagingHook"),
     ):
         started = import_tasks.start_imports.function([_chunk(n) for n in sorted(outcomes)])
     assert calls == [f"job:{n:064x}" for n in sorted(outcomes)][: len(calls)]
