@@ -26,7 +26,7 @@ from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.serving import make_server
 
-from healthimaging_local import fidelity
+from healthimaging_local import fidelity, s3_listing
 from healthimaging_local.auth import SignatureVerifier
 from healthimaging_local.events import EventPublisher
 from healthimaging_local.importer import Importer
@@ -373,6 +373,7 @@ class LocalEndpoint:
         )
         verifier = SignatureVerifier(access_keys or {}, MAX_BODY_BYTES) if verify_signatures else None
         fidelity.install()
+        s3_listing.install()
         self.store = Store(state_dir)
         self.s3 = S3Storage(state_dir / "s3")
         self.messaging = MessagingStorage(state_dir / "messaging.json")
