@@ -270,3 +270,16 @@ def test_pacer_spaces_its_own_starts_and_waits_while_the_data_store_is_full() ->
     assert slept[1] == FULL_WAIT
     assert len(slept) == 2
     assert service.calls >= 3 * 2
+
+
+def test_pacer_sleeps_exactly_the_time_left_and_asks_once_per_start() -> None:
+    """Starts come ``1 / start_rate`` apart, not that plus a second listing or the deferral's shortest wait."""
+    from healthimaging.pacing import StartPacer
+
+    service = _FakeService()
+    service.jobs = [("SUBMITTED", datetime.now(UTC) - timedelta(seconds=0.3))]
+    slept: list[float] = []
+    pacer = StartPacer(service, "d" * 32, StartPace(1.0, 10), sleep=slept.append, clock=lambda: 0.0)
+    pacer()
+    assert slept == [pytest.approx(0.7, abs=0.05)]  # not MIN_WAIT (1 s)
+    assert service.calls == 2  # one listing per status, no second round after the sleep
