@@ -33,7 +33,7 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
     "import_pool": (
         "string",
         "default_pool",
-        "Airflow pool of the import pipeline's start_imports and wait tasks (read when the DAG file is parsed). "
+        "Airflow pool of the import pipeline's wait tasks (read when the DAG file is parsed). "
         "Create it with deferred tasks counted, so that deferred waits hold their slots.",
     ),
     "max_active_runs": (

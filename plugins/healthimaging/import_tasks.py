@@ -10,7 +10,8 @@ nightly/backfill/manual DAG and the on-arrival DAG) runs the same tasks:
 - ``start_imports``: one StartDICOMImportJob per chunk, at the service's pace, from one task (task scheduling
   would space serialised start tasks seconds apart), with a client token scoped to the chunk's content, so
   retries, clears, backfills and other runs of the same objects attach to one job.
-- ``import_dicom``: mapped over the started jobs: wait for the job (deferred), search exactly its image sets.
+- ``import_dicom``: mapped over the planned chunks, beside ``start_imports``: each waits (deferred) for the job
+  ``start_imports`` starts for its chunk, from the moment it exists, then searches exactly its image sets.
 - ``publish_image_sets``: one event on the asset ``healthimaging_image_sets`` naming every image set the run found.
 - ``import_report``: after every chunk, accounts for every listed object (:mod:`healthimaging.report`), writes the
   report next to the plan, removes the staged copies of completed chunks, and fails the run when anything is
@@ -41,7 +42,14 @@ if TYPE_CHECKING:
 
 GROUP_ID = "import_dicom"
 START_TASK_ID = "start_imports"
+WAIT_TASK_ID = f"{GROUP_ID}.wait_for_import_job"
 SEARCH_TASK_ID = f"{GROUP_ID}.search_image_sets"
+#: The search's job: its chunk's entry in ``start_imports``' XCom ``jobs`` (what its wait followed). Not the wait's
+#: own result: a task ended from the triggerer has its XCom stored JSON-encoded by Airflow 3.3.2, so that the Task
+#: SDK's ``xcom_pull`` returns a string.
+JOB_OF_WAIT = f"{{{{ ti.xcom_pull(task_ids='{START_TASK_ID}', key='jobs')[ti.map_index] }}}}"
+#: The search's map label: its chunk's prefix, from the plan (the search itself knows only the job).
+SEARCH_LABEL = "{{ ti.xcom_pull(task_ids='plan_imports')[ti.map_index]['input_s3_uri'] }}"
 IMPORT_TIMEOUT = timedelta(hours=12)
 #: Clock difference tolerated between the service's submittedAt and the run's start when choosing what to announce.
 ANNOUNCE_SKEW = timedelta(seconds=30)
@@ -156,7 +164,15 @@ def plan_imports(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return chunks
 
 
-@task(task_id="start_imports", execution_timeout=timedelta(hours=12), retries=3, max_active_tis_per_dag=1)
+@task(
+    task_id="start_imports",
+    execution_timeout=timedelta(hours=12),
+    retries=3,
+    max_active_tis_per_dag=1,
+    # before the chunks' waits, which become runnable with it and wait for the jobs it starts
+    priority_weight=1000,
+    weight_rule="absolute",
+)
 def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Start one import job per chunk, in plan order, at the service's pace (one task, so starts are not
     spaced by task scheduling); re-attach to jobs already started for a chunk.
@@ -169,14 +185,20 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     stopped.
 
     :param chunks: ``plan_imports``'s chunk list
-    :return: the ``import_dicom`` arguments of every started job (XCom ``start_failures``: the chunks not started)
+    :return: one dict per started job (data store, job id, search settings); XCom ``jobs``: the job id of every
+        chunk (None where not started), pushed after every start; ``start_failures``: the chunks not started
     """
     from airflow.sdk import get_current_context
 
     from healthimaging.hooks import HealthImagingHook
     from healthimaging.pacing import StartPace, StartPacer
+    from healthimaging.started_jobs import CLEAR_NUMBER_KEY
 
     context = get_current_context()
+    # First, so that waits reading this task's XCom can tell this try's jobs from a cleared run's.
+    context["ti"].xcom_push(
+        key=CLEAR_NUMBER_KEY, value=int(getattr(context.get("dag_run"), "clear_number", 0) or 0)
+    )
     pace = StartPace.from_config()
     hook = HealthImagingHook(aws_conn_id=config.aws_conn_id())  # one client for every chunk's operator
     pacers: dict[str, StartPacer] = {}
@@ -239,7 +261,7 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     trigger_rule="all_done",
     execution_timeout=timedelta(minutes=5),
 )
-def publish_image_sets(started: list[dict[str, Any]] | None = None) -> list[str]:
+def publish_image_sets(chunks: list[dict[str, Any]] | None = None) -> list[str]:
     """Emit one asset event naming the image sets of every import of the run that found some (ids only).
 
     Only jobs started since the run (re)started are announced: a job this run re-attached to was announced by the
@@ -247,7 +269,7 @@ def publish_image_sets(started: list[dict[str, Any]] | None = None) -> list[str]
     event registered while that entry is pending to the consumer's next run, which only the asset's next event
     starts (apache/airflow#54659); events of one task arrive together.
 
-    :param started: ``start_imports``'s list (index = map index of ``import_dicom``)
+    :param chunks: ``plan_imports``'s chunk list (index = map index of ``import_dicom``)
     :return: the image-set ids announced
     """
     from datetime import datetime
@@ -260,12 +282,18 @@ def publish_image_sets(started: list[dict[str, Any]] | None = None) -> list[str]
     ti = context["ti"]
     run_started = context["dag_run"].start_date
     hook = HealthImagingHook(aws_conn_id=config.aws_conn_id())
+    job_ids = ti.xcom_pull(task_ids=START_TASK_ID, key="jobs") or []
     imports = []
     earlier = 0
-    for map_index, job in enumerate(started or []):
-        ids = ti.xcom_pull(task_ids=SEARCH_TASK_ID, key="imageSetIds", map_indexes=map_index)
+    for map_index, (chunk, job_id) in enumerate(zip(chunks or [], job_ids, strict=False)):
+        ids = (
+            ti.xcom_pull(task_ids=SEARCH_TASK_ID, key="imageSetIds", map_indexes=map_index)
+            if job_id
+            else None
+        )
         if not ids:
             continue
+        job = {"datastore_id": chunk["datastore_id"], "job_id": str(job_id)}
         submitted = hook.get_import_job(job["datastore_id"], job["job_id"]).get("submittedAt")
         if isinstance(submitted, datetime) and run_started and submitted < run_started - ANNOUNCE_SKEW:
             # re-attached to a job that another run (or this run before a clear) started and announced
@@ -291,18 +319,31 @@ def publish_image_sets(started: list[dict[str, Any]] | None = None) -> list[str]
 @task_group(group_id=GROUP_ID)
 def import_dicom(
     datastore_id: str,
-    job_id: str,
+    input_s3_uri: str,
     max_failed_files: int | None,
     max_results: int,
     include_phi: bool,
     phi_allow_tags: list[str],
+    chunk_id: str,
+    plan_index: int,
+    content_digest: str,
+    data_access_role_arn: str,
+    output_s3_uri: str,
+    job_name: str | None,
+    client_token: str | None,
 ) -> None:
-    """One import job: wait for it (deferred), then find exactly its image sets."""
+    """One planned chunk: wait for the job ``start_imports`` starts for it (deferred; from the moment it exists,
+    not after the last start), then find exactly its image sets. Labelled in the UI by the chunk's prefix.
+
+    Takes every key of a chunk (:func:`chunk_specs`), as ``expand_kwargs`` passes them all; the start's own
+    arguments (role, output, digest, name, token, plan and chunk ids) are ``start_imports``' business.
+    """
     # [START howto_sensor_dicom_import_job]
     wait = DICOMImportJobSensor(
         task_id="wait_for_import_job",
         datastore_id=datastore_id,
-        job_id=job_id,
+        started_by=START_TASK_ID,  # its XCom "jobs" names this chunk's job once it is started
+        input_s3_uri=input_s3_uri,
         deferrable=True,
         poke_interval=config.poll_interval(),
         timeout=IMPORT_TIMEOUT.total_seconds(),
@@ -310,7 +351,7 @@ def import_dicom(
         max_active_tis_per_dag=config.max_imports_in_flight(),
         pool=config.import_pool(),
         execution_timeout=timedelta(minutes=30),
-        map_index_template="{{ task.job_id }}",
+        map_index_template="{{ task.input_s3_uri }}",
         aws_conn_id=config.aws_conn_id(),
     )
     # [END howto_sensor_dicom_import_job]
@@ -321,11 +362,11 @@ def import_dicom(
         search_criteria="{{ params.search_criteria | tojson }}",
         max_results=max_results,
         all_pages=True,
-        import_job_id=job_id,
+        import_job_id=JOB_OF_WAIT,
         include_phi=include_phi,
         phi_allow_tags=phi_allow_tags,
         execution_timeout=timedelta(minutes=30),
-        map_index_template="{{ task.import_job_id }}",
+        map_index_template=SEARCH_LABEL,
         aws_conn_id=config.aws_conn_id(),
     )
     # [END howto_operator_search_image_sets]
@@ -417,8 +458,10 @@ def compose_imports(specs: Any) -> Any:
         ``client_token``, ``max_failed_files``, ``max_results``, ``include_phi``)
     """
     chunks: Any = plan_imports(specs)
-    started: Any = start_imports(chunks)
-    imports = import_dicom.expand_kwargs(started)
+    start = start_imports(chunks)
+    imports = import_dicom.expand_kwargs(chunks)  # not after start: each wait begins when its own job exists
     report = import_report(chunks)
-    imports >> [publish_image_sets(started), report]
+    publish = publish_image_sets(chunks)
+    start >> [publish, report]
+    imports >> [publish, report]
     return report

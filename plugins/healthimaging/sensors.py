@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 from time import sleep
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowRescheduleException
+from airflow.sdk.timezone import utcnow
 
 from healthimaging.base import HealthImagingAwsMixin, aws_template_fields
 from healthimaging.manifest import MANIFEST_NAME, join_s3
@@ -18,6 +19,16 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from airflow.sdk import Context
+
+    from healthimaging.started_jobs import StartedBy
+
+
+#: The longest wait between two looks at a starting task that has not begun its try (seconds).
+MAX_RESCHEDULE_DELAY = 300.0
+#: Lookups after which a deferrable sensor waits in the triggerer: the starting task runs, or an executor holds it.
+#: Otherwise (scheduled, up for retry) it reschedules: a trigger waiting for a task that only this process could
+#: run next would never end under ``dag.test()``, which runs triggers inline, one at a time.
+WAIT_IN_TRIGGERER = frozenset({"waiting", "queued"})
 
 
 class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
@@ -35,7 +46,14 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
     fields) is the same; boto3 is imported when the task runs.
 
     :param datastore_id: the data store id (templated)
-    :param job_id: the import job id (templated)
+    :param job_id: the import job id (templated); may be left out with ``started_by``
+    :param started_by: the id of a task of the same run that starts the job and pushes an XCom ``jobs`` after
+        every start: a list of job ids (None for one not started yet) whose entry at this sensor's map index is
+        its job. The sensor begins while that task still runs (it waits in the triggerer for its entry) and fails
+        when that task ended without starting it. This is how the import pipeline's waits start as soon as their
+        own job exists rather than after its last start (:mod:`healthimaging.started_jobs`)
+    :param input_s3_uri: the job's input prefix, when known: for the map label (``{{ task.input_s3_uri }}``) and
+        the log; not used to find the job (templated)
     :param deferrable: wait in the triggerer instead of a worker slot (default: ``[operators]
         default_deferrable``, as the Amazon provider's sensors)
     :param max_failed_files: fail a COMPLETED job with more failed files than this; None only warns
@@ -49,14 +67,18 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         in the triggerer (it reads the manifest and pushes the same XCom) instead of resuming it on a worker,
         which saves a worker start and seconds of latency. None (default) does so unless listener plugins
         are installed (Airflow does not call listeners for tasks ended from the triggerer); True always
-        (Airflow then refuses the DAG where listeners are installed); False never
+        (Airflow then refuses the DAG where listeners are installed); False never. Airflow 3.3.2 stores the
+        XCom of a task ended in the triggerer JSON-encoded: the REST API shows the dict, but ``xcom_pull`` in a
+        task returns its JSON text (``json.loads`` it, or pass False)
     :param aws_conn_id: the Airflow connection used for AWS credentials
     :param region_name: AWS region name; if None, the connection's or boto3's default
     :param verify: whether to verify SSL certificates
     :param botocore_config: botocore client configuration (dict)
     """
 
-    template_fields: Sequence[str] = aws_template_fields("datastore_id", "job_id", "max_failed_files")
+    template_fields: Sequence[str] = aws_template_fields(
+        "datastore_id", "job_id", "max_failed_files", "input_s3_uri"
+    )
     ui_color = "#66c3ff"
     #: Set by :meth:`execute` in deferrable mode; a poke() called on its own never defers.
     _defer_while_running = False
@@ -65,7 +87,9 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         self,
         *,
         datastore_id: str,
-        job_id: str,
+        job_id: str | None = None,
+        started_by: str | None = None,
+        input_s3_uri: str | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         max_failed_files: int | None = None,
         first_poke_jitter: float = 0.0,
@@ -75,8 +99,14 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(poke_interval=poke_interval, **kwargs)
+        if job_id is None and not started_by:
+            raise ValueError(
+                "DICOMImportJobSensor needs job_id, or started_by naming the task that starts the job"
+            )
         self.datastore_id = datastore_id
         self.job_id = job_id
+        self.started_by = started_by
+        self.input_s3_uri = input_s3_uri
         self.deferrable = deferrable
         self.max_failed_files = max_failed_files
         self.first_poke_jitter = first_poke_jitter
@@ -87,21 +117,89 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
 
     def execute(self, context: Context) -> Any:
         check_parameter("datastore_id", self.datastore_id)
-        check_parameter("job_id", self.job_id)
         coerce_optional_count("max_failed_files", self.max_failed_files)
+        if not self.job_id and self.started_by:
+            self.job_id = self._started_job(context)
+        check_parameter("job_id", self.job_id)
         self._jitter_first_poke(context)
         # Deferrable too, the first check runs inside the base sensor's handling (soft_fail, never_fail,
         # silent_fail, timeout): from there, poke() defers while the job is still running.
         self._defer_while_running = self.deferrable
         return super().execute(context=context)
 
-    def _defer(self) -> None:
+    def _started_job(self, context: Context) -> str:
+        """The job ``started_by`` started for this map index; defers (or reschedules) while it is still to come."""
+        decision, job_id = self._look_up_start(context)
+        if decision == "found" and job_id:
+            return job_id
+        if decision in WAIT_IN_TRIGGERER and self.deferrable:
+            self._defer(started_by=self._start_source(context).as_dict())
+        self._not_started_yet(context, decision)
+
+    def _start_source(self, context: Context, replaces: str | None = None) -> StartedBy:
+        from healthimaging.started_jobs import StartedBy
+
+        ti = context["ti"]
+        if ti.map_index is None or ti.map_index < 0:
+            raise ValueError(
+                f"started_by needs a mapped sensor (its map index picks the job), not {ti.task_id}"
+            )
+        clear_number = int(getattr(context.get("dag_run"), "clear_number", 0) or 0)
+        return StartedBy(ti.dag_id, ti.run_id, str(self.started_by), ti.map_index, clear_number, replaces)
+
+    def _look_up_start(self, context: Context, replaces: str | None = None) -> tuple[str, str | None]:
+        from healthimaging.started_jobs import find_started_job
+
+        return find_started_job(self._start_source(context, replaces))
+
+    def _not_started_yet(self, context: Context, decision: str) -> NoReturn:
+        """Fail once the starting task ended without the job; else reschedule, backing off while it waits."""
+        if decision == "not_started":
+            raise AirflowFailException(
+                f"{self.started_by} ended without starting the import job this task waits for"
+                f"{f' ({self.input_s3_uri})' if self.input_s3_uri else ''}: its log and the import report say why"
+            )
+        # Backfills queue runs whose start task waits its turn for many minutes: ask less often the longer it takes.
+        first = context["ti"].get_first_reschedule_date(context)
+        waited = (utcnow() - first).total_seconds() if first else 0.0
+        delay = min(MAX_RESCHEDULE_DELAY, max(1.0, self.poke_interval, waited / 4))
+        self.log.info(
+            "Waiting for %s to start the import job (%s): again in %.0f s", self.started_by, decision, delay
+        )
+        raise AirflowRescheduleException(utcnow() + timedelta(seconds=delay))
+
+    def _follow_replacement(self, context: Context) -> bool:
+        """After this task's job FAILED: follow the job ``started_by`` starts in its place, if it may.
+
+        :return: True when ``job_id`` now names the new job; False when none will come (the FAILED job stands)
+        :raises TaskDeferred: (deferrable) to wait for the new job in the triggerer
+        :raises AirflowRescheduleException: while the starting task has not begun its next try
+        """
+        if not self.started_by:
+            return False
+        failed = str(self.job_id)
+        decision, job_id = self._look_up_start(context, replaces=failed)
+        if decision == "found" and job_id:
+            self.log.info("Import job %s FAILED; %s started %s in its place", failed, self.started_by, job_id)
+            self.job_id = job_id
+            return True
+        if decision == "not_started":
+            return False
+        self.log.info(
+            "Import job %s FAILED; waiting for %s, which may start another", failed, self.started_by
+        )
+        if decision in WAIT_IN_TRIGGERER and self.deferrable:
+            self._defer(started_by=self._start_source(context, replaces=failed).as_dict())
+        self._not_started_yet(context, decision)
+
+    def _defer(self, started_by: dict[str, Any] | None = None) -> NoReturn:
         from healthimaging.triggers import DICOMImportJobTrigger
 
         self.defer(
             trigger=DICOMImportJobTrigger(
                 datastore_id=self.datastore_id,
-                job_id=self.job_id,
+                job_id=None if started_by else self.job_id,
+                started_by=started_by,
                 waiter_delay=max(1, int(self.poke_interval)),
                 waiter_max_attempts=int(self.timeout // max(1, int(self.poke_interval))) + 2,
                 poll_jitter=self.poll_jitter,
@@ -138,7 +236,7 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         from healthimaging.triggers import is_transient_error
 
         try:
-            job = self.hook.get_import_job(self.datastore_id, self.job_id)
+            job = self.hook.get_import_job(self.datastore_id, str(self.job_id))
         except Exception as error:
             if not is_transient_error(error):
                 raise
@@ -148,6 +246,8 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         self.log.info("DICOM import job %s is %s", self.job_id, status)
         states = import_job_states()
         if status in states["failure"]:
+            if self._follow_replacement(context):
+                return self._not_done()
             # A FAILED job stays FAILED: retrying the sensor would only poll it again.
             raise AirflowFailException(self.hook.failed_job_message(job))
         if status not in states["success"]:
@@ -174,9 +274,16 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
 
         # A task-ending trigger event resumes the task only under ``dag.test()``, with its state as the payload.
         event = {"status": event} if isinstance(event, str) else validate_execute_complete_event(event)
-        job = self.hook.get_import_job(self.datastore_id, self.job_id)
+        if event["status"] == "not_started":
+            self._not_started_yet(context, event["status"])
+        if not self.job_id and self.started_by:
+            self.job_id = event.get("job_id") or self._started_job(context)
+        check_parameter("job_id", self.job_id)
+        job = self.hook.get_import_job(self.datastore_id, str(self.job_id))
         if event["status"] != "success":
             if job["jobStatus"] in import_job_states()["failure"]:
+                if self._follow_replacement(context):
+                    self._defer()
                 raise AirflowFailException(self.hook.failed_job_message(job))
             raise AirflowException(
                 f"Waiting for DICOM import job {self.job_id} failed: {event.get('message')}"

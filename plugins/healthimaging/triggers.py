@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Seconds a reading of the starting task's ``jobs`` XCom is shared by the waits of one triggerer.
+START_READING_MAX_AGE = 2.0
+#: Failed readings in a row after which the trigger gives up (and the task fails or retries).
+START_READING_MAX_ERRORS = 20
 TRANSIENT_ERROR_CODES = frozenset(RETRIABLE_ERROR_CODES) | {
     "ThrottlingException",
     "InternalServerException",
@@ -177,8 +181,14 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
     files, a manifest not there yet, an error reading it) resumes the task on a worker as without it, where the
     sensor raises or retries.
 
+    With ``started_by`` instead of ``job_id``, the trigger first waits for the job to exist: it reads the
+    starting task's ``jobs`` XCom (:mod:`healthimaging.started_jobs`) every ``waiter_delay`` seconds until that
+    task has started it, then polls the job. A ``not_started`` event (the starting task ended without starting
+    it) resumes the task on a worker.
+
     :param datastore_id: the data store id
-    :param job_id: the import job id
+    :param job_id: the import job id, or None with ``started_by``
+    :param started_by: :meth:`healthimaging.started_jobs.StartedBy.as_dict` of the task that starts the job
     :param waiter_delay: seconds between polls
     :param waiter_max_attempts: the most polls before giving up
     :param poll_jitter: polls come ``waiter_delay`` seconds apart on average, each moved by a random amount
@@ -202,7 +212,8 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
         self,
         *,
         datastore_id: str,
-        job_id: str,
+        job_id: str | None = None,
+        started_by: dict[str, Any] | None = None,
         waiter_delay: int = 30,
         waiter_max_attempts: int = 120,
         poll_jitter: float | None = None,
@@ -220,6 +231,7 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
             serialized_fields={
                 "datastore_id": datastore_id,
                 "job_id": job_id,
+                "started_by": started_by,
                 "poll_jitter": poll_jitter,
                 "end_from_trigger": end_from_trigger,
                 "max_failed_files": max_failed_files,
@@ -241,8 +253,11 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
             verify=verify,
             botocore_config=botocore_config,
         )
+        if not job_id and not started_by:
+            raise ValueError("DICOMImportJobTrigger needs job_id or started_by")
         self.datastore_id = datastore_id
         self.job_id = job_id
+        self.started_by = started_by
         self.poll_jitter = waiter_delay / 10 if poll_jitter is None else max(0.0, float(poll_jitter))
         self.end_from_trigger = end_from_trigger
         self.max_failed_files = max_failed_files
@@ -256,6 +271,11 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
         from airflow.providers.amazon.aws.utils.waiter_with_logging import async_wait
         from airflow.providers.common.compat.sdk import AirflowException
 
+        if not self.job_id:
+            waited = await self._wait_for_started_job()
+            if waited is not None:
+                yield waited
+                return
         hook = cast("HealthImagingHook", self.hook())
         async with await hook.get_async_conn() as client:
             waiter = hook.get_waiter(
@@ -280,6 +300,43 @@ class DICOMImportJobTrigger(AwsBaseWaiterTrigger):
                 ended = await self._task_end_event(hook, client) if self.end_from_trigger else None
                 event = ended or TriggerEvent({"status": "success", self.return_key: self.return_value})
         yield event
+
+    async def _wait_for_started_job(self) -> TriggerEvent | None:
+        """Wait until the starting task names this job; None once it did (``job_id`` set), else the event to yield.
+
+        Waits while the starting task runs, is queued or waits for its next try; ends with a ``not_started``
+        event once it ended without the job.
+        """
+        from healthimaging.started_jobs import StartedBy, find_started_job
+
+        source = StartedBy(**(self.started_by or {}))
+        errors = 0
+        while True:
+            try:
+                decision, job_id = find_started_job(source, max_age=START_READING_MAX_AGE)
+                errors = 0
+            except Exception as error:  # the API server restarting, for one; a lasting fault ends the wait
+                errors += 1
+                if errors >= START_READING_MAX_ERRORS:
+                    raise
+                self.log.warning("Could not read %s's jobs yet: %s", source.task_id, type(error).__name__)
+                decision, job_id = "waiting", None
+            if decision == "found" and job_id:
+                self._use_job(job_id)
+                self.log.info("%s started DICOM import job %s: polling it", source.task_id, job_id)
+                return None
+            if decision == "not_started":
+                return TriggerEvent(
+                    {"status": decision, "message": f"{source.task_id} ended without the job"}
+                )
+            await asyncio.sleep(random.uniform(0.5, 1.0) * self.waiter_delay + self.poll_jitter)
+
+    def _use_job(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.waiter_args = {"datastoreId": self.datastore_id, "jobId": job_id}
+        self.failure_message = f"DICOM import job {job_id} failed"
+        self.status_message = f"Status of DICOM import job {job_id} is"
+        self.return_value = job_id
 
     async def _task_end_event(self, hook: HealthImagingHook, client: Any) -> TaskSuccessEvent | None:
         """The event that ends the task with the job's summary, or None to resume the task on a worker."""

@@ -172,6 +172,18 @@ def test_two_prefix_run_from_the_form_reaches_the_downstream_example(
     ui_page.get_by_test_id("state-badge").filter(has_text="Success").first.wait_for()
     screenshot(ui_page, "import-run")
 
+    # Each chunk's wait and search are labelled by the chunk's prefix (here each prefix is one chunk).
+    uris = {f"s3://{BUCKET}/{p}" for p in prefixes}
+    for task_id in (test_deployment.WAIT, test_deployment.SEARCH):
+        labels = {
+            t["rendered_map_index"] for t in api.task_instances(DAG_ID, run_id) if t["task_id"] == task_id
+        }
+        assert labels == uris, (task_id, labels)
+        ui_page.goto(f"{api.base_url}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/tasks/{task_id}/mapped")
+        for uri in sorted(uris):
+            ui_page.get_by_text(uri, exact=True).first.wait_for()
+        screenshot(ui_page, f"map-labels-{task_id}")
+
     events = downstream_runs_of(api, run_id)
     # The site is this test's own: every job and image set in its data store is this run's.
     assert {j for event in events for j in event["extra"]["jobIds"]} == {job["jobId"] for job in site.jobs()}

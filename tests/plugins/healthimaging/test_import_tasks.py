@@ -76,6 +76,8 @@ def test_every_chunk_started_in_order_and_a_refused_one_named() -> None:
         "phi_allow_tags",
     }
     assert pushed["jobs"] == ["j1", None, "j3"]
+    # the run's clear number comes first: waits tell this try's jobs from a cleared run's (started_jobs)
+    assert next(iter(pushed)) == "jobs_clear_number"
     assert pushed["start_failures"] == [
         {"chunk_id": "0002-abc", "plan_index": 0, "message": "ConflictException: no"}
     ]

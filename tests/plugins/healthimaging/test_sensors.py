@@ -173,6 +173,7 @@ def test_deferrable_pokes_once_then_defers(stubber, kit, context) -> None:
     assert trigger.serialize()[1] == {
         "datastore_id": kit.DATASTORE_ID,
         "job_id": kit.JOB_ID,
+        "started_by": None,
         "poll_jitter": None,
         "end_from_trigger": True,
         "max_failed_files": None,

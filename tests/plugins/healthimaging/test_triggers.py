@@ -39,6 +39,7 @@ def test_serialize() -> None:
     assert kwargs == {
         "datastore_id": DS,
         "job_id": JOB,
+        "started_by": None,
         "poll_jitter": None,
         "end_from_trigger": False,
         "max_failed_files": None,
