@@ -13,6 +13,10 @@ it is asked for: an object deleted during a listing is not listed, and one creat
 is. (One deleted and another created between two pages leave the count equal: the new one is missed.) Two
 listings of one prefix that reach the same key share a token, and its place, harmlessly. Listings with a
 delimiter and ``MaxKeys=0`` go to moto's own code.
+
+:func:`answer` also writes the page's XML itself for a path-style request without a delimiter: moto renders each
+key through its generic model serializer, about as slow as its sorting was. Anything else (virtual-host style,
+delimiter, owner, a missing bucket, a bad token) is left to moto, which answers as before.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from __future__ import annotations
 import bisect
 import hashlib
 import threading
+import uuid
 from collections import OrderedDict
 from typing import Any
+from urllib.parse import parse_qs, quote, unquote
+from xml.sax.saxutils import escape
 
 #: Listings in progress kept at once (least recently continued dropped first: its next page starts over).
 MAX_SNAPSHOTS = 64
@@ -85,6 +92,82 @@ def list_objects_v2(
         while len(_snapshots) > MAX_SNAPSHOTS:
             _snapshots.popitem(last=False)
     return page, True, token
+
+
+#: Query parameters :func:`answer` handles; any other leaves the request to moto.
+ANSWERED_PARAMETERS = frozenset(
+    {"list-type", "prefix", "continuation-token", "start-after", "max-keys", "encoding-type"}
+)
+S3_NAMESPACE = "http://s3.amazonaws.com/doc/2006-03-01/"
+
+
+def answer(environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes] | None:
+    """Answer a path-style ListObjectsV2 request without a delimiter, or None to leave it to moto.
+
+    :param environ: the WSGI environ of an S3 request
+    :return: status line, headers and body of the ``ListBucketResult``
+    """
+    from moto.s3.exceptions import InvalidContinuationToken, MissingBucket
+
+    from healthimaging_local.s3 import backend
+
+    if environ.get("REQUEST_METHOD") != "GET":
+        return None
+    query = {name: values[-1] for name, values in parse_qs(environ.get("QUERY_STRING", ""), True).items()}
+    if query.get("list-type") != "2" or not set(query) <= ANSWERED_PARAMETERS:
+        return None
+    encoding = query.get("encoding-type")
+    names = unquote(environ.get("PATH_INFO", "")).strip("/").split("/")
+    if (
+        encoding not in (None, "url")
+        or len(names) != 1
+        or not names[0]
+        or query.get("continuation-token") == ""
+    ):
+        return None
+    try:
+        max_keys = int(query.get("max-keys", "1000"))
+        s3 = backend()
+        bucket = s3.get_bucket(names[0])
+        prefix, token, after = query.get("prefix"), query.get("continuation-token"), query.get("start-after")
+        if max_keys <= 0:
+            return None
+        page, truncated, next_token = list_objects_v2(s3, bucket, prefix, None, token, after, max_keys)
+    except (ValueError, MissingBucket, InvalidContinuationToken):
+        return None
+
+    def text(value: str) -> str:
+        return escape(quote(value) if encoding == "url" else value)
+
+    parts = [
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="{S3_NAMESPACE}">',
+        f"<Name>{escape(bucket.name)}</Name><Prefix>{text(prefix or '')}</Prefix><MaxKeys>{max_keys}</MaxKeys>",
+        f"<KeyCount>{len(page)}</KeyCount><IsTruncated>{'true' if truncated else 'false'}</IsTruncated>",
+    ]
+    for key in page:
+        checksum = getattr(key, "checksum_algorithm", None)
+        parts.append(
+            f"<Contents><Key>{text(key.name)}</Key><LastModified>{key.last_modified_ISO8601}</LastModified>"
+            f"<ETag>{escape(key.etag)}</ETag><Size>{key.size}</Size>"
+            f"{f'<ChecksumAlgorithm>{escape(checksum)}</ChecksumAlgorithm>' if checksum else ''}"
+            f"<StorageClass>{escape(key.storage_class)}</StorageClass></Contents>"
+        )
+    if encoding:
+        parts.append(f"<EncodingType>{encoding}</EncodingType>")
+    if token:
+        parts.append(f"<ContinuationToken>{escape(token)}</ContinuationToken>")
+    if next_token:
+        parts.append(f"<NextContinuationToken>{next_token}</NextContinuationToken>")
+    if after and not token:
+        parts.append(f"<StartAfter>{text(after)}</StartAfter>")
+    parts.append("</ListBucketResult>")
+    body = "".join(parts).encode()
+    headers = [
+        ("Content-Type", "application/xml"),
+        ("Content-Length", str(len(body))),
+        ("x-amz-request-id", uuid.uuid4().hex.upper()[:16]),
+    ]
+    return "200 OK", headers, body
 
 
 def install() -> None:

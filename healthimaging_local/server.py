@@ -261,6 +261,10 @@ class PersistentS3App:
         self.app = create_backend_app("s3")
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        listing = s3_listing.answer(environ)
+        if listing is not None:
+            start_response(listing[0], listing[1])
+            return [listing[2]]
         try:
             status, body = answer_of(self.app, environ, start_response)
         except FailedBeforeAnswering as failure:

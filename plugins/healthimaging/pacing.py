@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,6 +28,8 @@ IN_FLIGHT_STATUSES = ("SUBMITTED", "IN_PROGRESS")
 #: Shortest and longest wait for a free slot (seconds): a job in flight takes minutes, so poll slowly then.
 MIN_WAIT = 1.0
 FULL_WAIT = 60.0
+#: How much later than this process's start call the service may stamp that job's submittedAt.
+OWN_START_SKEW = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,11 @@ def seconds_until_start(
 class StartPacer:
     """Block until the next StartDICOMImportJob call keeps the pace (for one task that starts many jobs).
 
-    Asks the service once before each start (:func:`seconds_until_start`), and again only while the data store
-    is full; it also spaces its own starts, so a listing that lags a start just made cannot let two through at
-    once. It sleeps exactly the time left, so starts come ``1 / start_rate`` apart, not that plus a poll.
+    Asks the service once before each start (:func:`jobs_in_flight`), and again only while the data store is full.
+    It spaces its starts by its own clock, and from the service's newest ``submittedAt`` only when that job is not
+    its own last start (another run's): the service stamps a job a moment after the call, so spacing from the
+    stamp would add that moment to every interval. It sleeps exactly the time left, so starts come
+    ``1 / start_rate`` apart.
 
     :param client: a boto3 ``medical-imaging`` client
     :param datastore_id: the data store
@@ -134,21 +138,37 @@ class StartPacer:
         self.sleep = sleep or time.sleep
         self.clock = clock or time.monotonic
         self._last: float | None = None
+        self._last_started: datetime | None = None
 
     def __call__(self) -> None:
-        while (
-            wait := seconds_until_start(self.client, self.datastore_id, self.pace, shortest=0.0)
-        ) >= FULL_WAIT:
+        interval = 1.0 / self.pace.start_rate
+        while True:
+            in_flight, newest = jobs_in_flight(
+                self.client, self.datastore_id, self.pace.max_imports_in_flight
+            )
+            if in_flight < self.pace.max_imports_in_flight:
+                break
             log.info(
                 "Data store %s has %d imports in flight: waiting",
                 self.datastore_id,
                 self.pace.max_imports_in_flight,
             )
-            self.sleep(wait)
+            self.sleep(FULL_WAIT)
+        wait = 0.0
+        if newest is not None and not self._is_own(newest):  # another run's start: space from it too
+            wait = interval - (datetime.now(UTC) - newest).total_seconds()
         # No second look after the sleep: a start another DAG made meanwhile is absorbed by StartDICOMImportJob's
         # burst (2), and a ThrottlingException or a full data store beyond it by the operator's own backoff.
         if self._last is not None:
-            wait = max(wait, self._last + 1.0 / self.pace.start_rate - self.clock())
+            wait = max(wait, self._last + interval - self.clock())
         if wait > 0:
             self.sleep(wait)
         self._last = self.clock()
+        self._last_started = datetime.now(UTC)
+
+    def _is_own(self, submitted: datetime) -> bool:
+        """Whether the newest job in flight is this pacer's last start (the service stamps it a moment later).
+
+        Spacing from the service's stamp would add that moment to every interval.
+        """
+        return self._last_started is not None and submitted <= self._last_started + OWN_START_SKEW

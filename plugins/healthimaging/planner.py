@@ -371,9 +371,20 @@ def list_objects(s3_client: Any, input_s3_uri: str, *, page_size: int = 1000) ->
     bucket, prefix = _parse_uri(input_s3_uri, "input_s3_uri")
     paginator = s3_client.get_paginator("list_objects_v2")
     pages = paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
-    for page in pages:
-        for item in page.get("Contents", ()):
-            yield S3Object(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"'))
+    # botocore parses every LastModified with dateutil, which the plan never reads: a third of the client's
+    # time for a 100,000-key listing (7 of 24 s against the local endpoint; the same CPU against S3).
+    factory = getattr(getattr(s3_client, "_endpoint", None), "_response_parser_factory", None)
+    if factory is not None:
+        factory.set_parser_defaults(timestamp_parser=str)
+    try:
+        for page in pages:
+            for item in page.get("Contents", ()):
+                yield S3Object(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"'))
+    finally:
+        if factory is not None:
+            from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
+
+            factory.set_parser_defaults(timestamp_parser=DEFAULT_TIMESTAMP_PARSER)
 
 
 @dataclass(frozen=True)

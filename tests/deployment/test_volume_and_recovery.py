@@ -22,6 +22,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -547,3 +548,13 @@ def test_starts_are_paced(api: AirflowApi, make_site: Callable[..., Site], paced
     logs = task_logs(api, run_id, START)
     assert "ThrottlingException" not in logs
     assert state_of(api, run_id, WAIT, 5) == "success"
+    # The waits run beside the paced starts: the first chunk's wait began before the last job was started.
+    start = api.task_instance(DAG_ID, run_id, START)
+    first_wait = api.task_instance(DAG_ID, run_id, WAIT, 0)
+    began, start_ended = (
+        datetime.fromisoformat(t.replace("Z", "+00:00"))
+        for t in (first_wait["start_date"], start["end_date"])
+    )
+    assert began < submitted[-1] < start_ended, (first_wait, start)
+    labels = {t["rendered_map_index"] for t in api.task_instances(DAG_ID, run_id) if t["task_id"] == WAIT}
+    assert labels == {f"s3://{BUCKET}/{p}" for p in prefixes}

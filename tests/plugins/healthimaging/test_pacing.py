@@ -283,3 +283,26 @@ def test_pacer_sleeps_exactly_the_time_left_and_asks_once_per_start() -> None:
     pacer()
     assert slept == [pytest.approx(0.7, abs=0.05)]  # not MIN_WAIT (1 s)
     assert service.calls == 2  # one listing per status, no second round after the sleep
+
+
+def test_pacer_spaces_from_its_own_clock_when_the_newest_job_is_its_own() -> None:
+    """The service stamps submittedAt a moment after the call: spacing from it would lengthen every interval."""
+    from healthimaging.pacing import StartPacer
+
+    service = _FakeService()
+    clock = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    pacer = StartPacer(service, "d" * 32, StartPace(1.0, 10), sleep=sleep, clock=lambda: clock[0])
+    pacer()
+    service.jobs = [("SUBMITTED", datetime.now(UTC) + timedelta(seconds=0.2))]  # our start, stamped later
+    clock[0] += 0.3  # the start call and its bookkeeping
+    pacer()
+    assert slept == [pytest.approx(0.7)]  # 1 s after our own call, not after the service's stamp
+    service.jobs.append(("SUBMITTED", datetime.now(UTC) + timedelta(seconds=30)))  # another run's, newer
+    pacer()
+    assert slept[-1] > 1.0

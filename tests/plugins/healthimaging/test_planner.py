@@ -465,6 +465,22 @@ def test_list_objects_streams_pages_and_keeps_key_size_and_etag_only() -> None:
     assert calls == [{"Bucket": "input-bucket", "Prefix": "day/", "PaginationConfig": {"PageSize": 500}}]
 
 
+def test_listing_leaves_timestamps_unparsed_while_it_runs_only(s3: Any) -> None:
+    """LastModified stays text during the planner's listing (it is never read) and is parsed again after."""
+    from datetime import datetime
+
+    for n in range(3):
+        s3.put_object(Bucket="input-bucket", Key=f"day/{n}.dcm", Body=b"x")
+    listing = list_objects(s3, "s3://input-bucket/day/", page_size=1)
+    first = next(listing)
+    assert (first.key, first.size) == ("day/0.dcm", 1)
+    during = s3.list_objects_v2(Bucket="input-bucket", Prefix="day/")["Contents"][0]["LastModified"]
+    assert isinstance(during, str)
+    assert [o.key for o in listing] == ["day/1.dcm", "day/2.dcm"]
+    after = s3.list_objects_v2(Bucket="input-bucket", Prefix="day/")["Contents"][0]["LastModified"]
+    assert isinstance(after, datetime)
+
+
 def test_plan_prefix_lists_moto_s3(s3: Any) -> None:
     for key in ("day/P1/a.dcm", "day/P1/b.dcm", "day/P2/c.dcm", "day/P2/"):
         s3.put_object(Bucket="input-bucket", Key=key, Body=b"x" * 10)
