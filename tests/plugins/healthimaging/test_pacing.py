@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from unittest import mock
 
@@ -247,19 +248,27 @@ class _FakeService:
         }
 
 
-def test_pacer_spaces_its_own_starts_and_waits_while_the_data_store_is_full() -> None:
-    from healthimaging.pacing import StartPacer
-
-    service = _FakeService()
-    clock = [1000.0]
-    slept: list[float] = []
+def _fake_time(
+    start: float, after_sleep: Callable[[list[float]], object] | None = None
+) -> tuple[list[float], list[float], Callable[[float], None]]:
+    """A monotonic clock (``clock[0]``) that a fake sleep advances, and the list of what was slept."""
+    clock, slept = [start], []
 
     def sleep(seconds: float) -> None:
         slept.append(seconds)
         clock[0] += seconds
-        if len(slept) == 2:  # the full data store empties while the pacer waits
-            service.jobs.clear()
+        if after_sleep is not None:
+            after_sleep(slept)
 
+    return clock, slept, sleep
+
+
+def test_pacer_spaces_its_own_starts_and_waits_while_the_data_store_is_full() -> None:
+    from healthimaging.pacing import StartPacer
+
+    service = _FakeService()
+    # the full data store empties while the pacer waits (its second sleep)
+    clock, slept, sleep = _fake_time(1000.0, lambda slept: len(slept) == 2 and service.jobs.clear())
     pacer = StartPacer(service, "d" * 32, StartPace(0.5, 2), sleep=sleep, clock=lambda: clock[0])
     pacer()  # nothing in flight: start now
     assert slept == []
@@ -290,13 +299,7 @@ def test_pacer_spaces_from_its_own_clock_when_the_newest_job_is_its_own() -> Non
     from healthimaging.pacing import StartPacer
 
     service = _FakeService()
-    clock = [100.0]
-    slept: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        clock[0] += seconds
-
+    clock, slept, sleep = _fake_time(100.0)
     pacer = StartPacer(service, "d" * 32, StartPace(1.0, 10), sleep=sleep, clock=lambda: clock[0])
     pacer()
     service.jobs = [("SUBMITTED", datetime.now(UTC) + timedelta(seconds=0.2))]  # our start, stamped later
