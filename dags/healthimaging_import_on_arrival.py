@@ -15,7 +15,7 @@ Per run:
 | `settle.wait_until_settled` | one per folder: `S3KeysUnchangedSensor` (deferrable, in the triggerer; no worker slot) until the folder has had no new object for the settle period |
 | `settle.settled_import_spec` | the import spec of the settled folder |
 | `settled_folders` | the specs of every folder that settled, as one list |
-| `plan_imports`, `start_imports`, `import_dicom.*`, `publish_image_sets`, `import_report` | the shared import pipeline (`healthimaging.import_tasks.compose_imports`): plan each folder, start its jobs with a client token derived from the planned content (keys and ETags), wait, search, announce the image sets on the asset `healthimaging_image_sets`, account for every object |
+| `plan_imports`, `start_imports`, `import_dicom.*`, `search_image_sets`, `publish_image_sets`, `import_report` | the shared import pipeline (`healthimaging.import_tasks.compose_imports`): plan each folder, start its jobs with a client token derived from the planned content (keys and ETags), wait, search, announce the image sets on the asset `healthimaging_image_sets`, account for every object |
 
 Arrivals that keep coming while a folder settles start more runs; each waits for the same folder to settle and
 plans the same content, so their start tasks send the same client token and attach to one job. A folder that grows

@@ -197,9 +197,16 @@ def report(result: dict[str, Any]) -> int:
         by_index.setdefault(map_index, {})[(task_id.rsplit(".", 1)[-1], key)] = value
     print(f"\nDAG run {result['run_id']}: {result['state']}")
     imports = 0
+    search = by_index.get(-1, {})
+    by_job = search.get(("search_image_sets", "imageSetIdsByJob")) or {}
+    summaries_by_id = {
+        s["imageSetId"]: s for s in search.get(("search_image_sets", "imageSetsMetadataSummaries")) or []
+    }
     for map_index in sorted(i for i in by_index if i >= 0):
         x = by_index[map_index]
         job = x.get(("wait_for_import_job", "return_value")) or {}
+        if isinstance(job, str):  # Airflow 3.3.2 stores the XCom of a task ended in the triggerer as JSON text
+            job = json.loads(job)
         print(f"\nImport #{map_index}: job {job.get('jobId')} -> {job.get('jobStatus')}")
         for name in (
             "numberOfScannedFiles",
@@ -209,10 +216,8 @@ def report(result: dict[str, Any]) -> int:
             "numberOfGeneratedImageSets",
         ):
             print(f"  {name}: {job.get(name)}")
-        summaries = x.get(("search_image_sets", "imageSetsMetadataSummaries")) or []
-        print(
-            f"  image sets of this import ({len(summaries)}), first {x.get(('search_image_sets', 'firstImageSetId'))}:"
-        )
+        summaries = [summaries_by_id[i] for i in by_job.get(str(job.get("jobId")), []) if i in summaries_by_id]
+        print(f"  image sets of this import ({len(summaries)}):")
         for summary in summaries:
             tags = summary.get("DICOMTags") or {}
             print(
@@ -220,6 +225,7 @@ def report(result: dict[str, Any]) -> int:
                 f"series {tags.get('DICOMSeriesInstanceUID', '?')}"
             )
         imports += 1
+    print(f"\nfirstImageSetId of the run: {search.get(('search_image_sets', 'firstImageSetId'))}")
     for extra in result["asset_events"]:
         print(
             f"\nAsset event healthimaging_image_sets: job(s) {', '.join(extra.get('jobIds') or [])}, "

@@ -1,5 +1,5 @@
 """
-The import pipeline as Airflow tasks: plan each prefix, import each chunk (start, wait, search, publish), report.
+The import pipeline as Airflow tasks: plan each prefix, start and wait for each chunk's job, search, publish, report.
 
 :func:`compose_imports` builds it from resolved import specs (one per S3 prefix), so every DAG that imports (the
 nightly/backfill/manual DAG and the on-arrival DAG) runs the same tasks:
@@ -11,7 +11,9 @@ nightly/backfill/manual DAG and the on-arrival DAG) runs the same tasks:
   would space serialised start tasks seconds apart), with a client token scoped to the chunk's content, so
   retries, clears, backfills and other runs of the same objects attach to one job.
 - ``import_dicom``: mapped over the planned chunks, beside ``start_imports``: each waits (deferred) for the job
-  ``start_imports`` starts for its chunk, from the moment it exists, then searches exactly its image sets.
+  ``start_imports`` starts for its chunk, from the moment it exists.
+- ``search_image_sets``: once every wait is done, exactly the image sets of each COMPLETED job of the run, in one
+  task (a task per chunk costs a worker more than the chunk's import takes on a small deployment).
 - ``publish_image_sets``: one event on the asset ``healthimaging_image_sets`` naming every image set the run found.
 - ``import_report``: after every chunk, accounts for every listed object (:mod:`healthimaging.report`), writes the
   report next to the plan, removes the staged copies of completed chunks, and fails the run when anything is
@@ -34,6 +36,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from healthimaging import config
 from healthimaging.assets import IMAGE_SETS
+from healthimaging.fanout import JOB_CALLS_PER_SECOND, RateLimit, ordered_map
 from healthimaging.operators import SearchImageSetsOperator, StartDICOMImportOperator
 from healthimaging.sensors import DICOMImportJobSensor
 
@@ -43,13 +46,16 @@ if TYPE_CHECKING:
 GROUP_ID = "import_dicom"
 START_TASK_ID = "start_imports"
 WAIT_TASK_ID = f"{GROUP_ID}.wait_for_import_job"
-SEARCH_TASK_ID = f"{GROUP_ID}.search_image_sets"
-#: The search's job: its chunk's entry in ``start_imports``' XCom ``jobs`` (what its wait followed). Not the wait's
-#: own result: a task ended from the triggerer has its XCom stored JSON-encoded by Airflow 3.3.2, so that the Task
-#: SDK's ``xcom_pull`` returns a string.
-JOB_OF_WAIT = f"{{{{ ti.xcom_pull(task_ids='{START_TASK_ID}', key='jobs')[ti.map_index] }}}}"
-#: The search's map label: its chunk's prefix, from the plan (the search itself knows only the job).
-SEARCH_LABEL = "{{ ti.xcom_pull(task_ids='plan_imports')[ti.map_index]['input_s3_uri'] }}"
+SEARCH_TASK_ID = "search_image_sets"
+#: XCom key of ``plan_imports``: the run's search settings, ``{datastore_id, max_results, include_phi,
+#: phi_allow_tags}``.
+SEARCH_KEY = "search"
+#: Keys of a resolved import spec that the run's one search takes; every spec of a run has the same values.
+SEARCH_SETTINGS = ("datastore_id", "max_results", "include_phi", "phi_allow_tags")
+#: The search's jobs: every chunk's entry in ``start_imports``' XCom ``jobs`` (None where not started). Not the
+#: waits' results: a task ended from the triggerer has its XCom stored JSON-encoded by Airflow 3.3.2, so that
+#: the Task SDK's ``xcom_pull`` returns a string.
+JOBS_OF_RUN = f"{{{{ (ti.xcom_pull(task_ids='{START_TASK_ID}', key='jobs') or []) | tojson }}}}"
 IMPORT_TIMEOUT = timedelta(hours=12)
 #: Clock difference tolerated between the service's submittedAt and the run's start when choosing what to announce.
 ANNOUNCE_SKEW = timedelta(seconds=30)
@@ -117,6 +123,7 @@ def plan_imports(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     context = get_current_context()
     ti = context["ti"]
+    search = search_settings(specs)
     s3 = S3Hook(aws_conn_id=config.aws_conn_id()).get_conn()
     limits = ImportLimits(max_files_per_job=config.max_files_per_job())
     plans = []
@@ -161,7 +168,25 @@ def plan_imports(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         documents.append({"plan_s3_uri": uri, **plan.summary()})
         chunks.extend(chunk_specs(spec, n, [c.summary() for c in plan.chunks]))
     ti.xcom_push(key="plans", value=documents)
+    ti.xcom_push(key=SEARCH_KEY, value=search)
     return chunks
+
+
+def search_settings(specs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The settings of the run's one search (all its jobs' image sets at once), shared by every spec.
+
+    :param specs: the resolved import specs
+    :raises AirflowFailException: when specs differ in them (one run imports into one data store)
+    """
+    distinct = {repr([spec.get(key) for key in SEARCH_SETTINGS]) for spec in specs}
+    if len(distinct) > 1:
+        raise AirflowFailException(
+            f"No import started: the prefixes of one run must share {', '.join(SEARCH_SETTINGS)}"
+        )
+    first = specs[0] if specs else {}
+    return {key: first.get(key) for key in SEARCH_SETTINGS} | {
+        "phi_allow_tags": first.get("phi_allow_tags") or []
+    }
 
 
 @task(
@@ -185,7 +210,7 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     stopped.
 
     :param chunks: ``plan_imports``'s chunk list
-    :return: one dict per started job (data store, job id, search settings); XCom ``jobs``: the job id of every
+    :return: one dict per started job (data store, job id, chunk id); XCom ``jobs``: the job id of every
         chunk (None where not started), pushed after every start; ``start_failures``: the chunks not started
     """
     from airflow.sdk import get_current_context
@@ -238,14 +263,7 @@ def start_imports(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "Chunk %s %s -> import job %s (%s)", chunk["chunk_id"], chunk["input_s3_uri"], job_id, status
         )
         started.append(
-            {
-                "datastore_id": chunk["datastore_id"],
-                "job_id": job_id,
-                "max_failed_files": chunk.get("max_failed_files"),
-                "max_results": chunk["max_results"],
-                "include_phi": chunk["include_phi"],
-                "phi_allow_tags": chunk.get("phi_allow_tags") or [],
-            }
+            {"datastore_id": chunk["datastore_id"], "job_id": job_id, "chunk_id": chunk["chunk_id"]}
         )
         job_ids[n] = job_id
         # After every start, so that a try that fails later still tells the report which jobs exist.
@@ -283,23 +301,48 @@ def publish_image_sets(chunks: list[dict[str, Any]] | None = None) -> list[str]:
     run_started = context["dag_run"].start_date
     hook = HealthImagingHook(aws_conn_id=config.aws_conn_id())
     job_ids = ti.xcom_pull(task_ids=START_TASK_ID, key="jobs") or []
+    by_job = ti.xcom_pull(task_ids=SEARCH_TASK_ID, key="imageSetIdsByJob")
+    if by_job is None and any(job_ids):
+        raise AirflowSkipException(
+            f"{SEARCH_TASK_ID} did not finish: no asset event (the import report says more)."
+        )
+    # Only imports whose wait succeeded: a COMPLETED job over max_failed_files failed its wait, and the run.
+    waits = ti.get_task_states(dag_id=ti.dag_id, run_ids=[context["run_id"]], task_ids=[WAIT_TASK_ID])
+    succeeded = {
+        int(map_index)
+        for per_run in waits.values()
+        for key, state in per_run.items()
+        for _, map_index in [_task_key(key)]
+        if state == "success"
+    }
+    found = []
+    for map_index, (chunk, job_id) in enumerate(zip(chunks or [], job_ids, strict=False)):
+        ids = (by_job or {}).get(str(job_id)) if job_id and map_index in succeeded else None
+        if ids:
+            found.append(
+                {"datastoreId": chunk["datastore_id"], "jobId": str(job_id), "imageSetIds": list(ids)}
+            )
+
+    known = ti.xcom_pull(task_ids=SEARCH_TASK_ID, key="importJobs") or {}
+    limit = RateLimit(JOB_CALLS_PER_SECOND)
+    if any(not (known.get(item["jobId"]) or {}).get("submittedAt") for item in found):
+        hook.conn  # noqa: B018 - one client for every thread, made before they start
+
+    def submitted_at(item: dict[str, Any]) -> Any:
+        seen = (known.get(item["jobId"]) or {}).get("submittedAt")
+        if seen:  # as the search read it
+            return datetime.fromisoformat(seen)
+        limit.acquire()
+        return hook.get_import_job(item["datastoreId"], item["jobId"]).get("submittedAt")
+
     imports = []
     earlier = 0
-    for map_index, (chunk, job_id) in enumerate(zip(chunks or [], job_ids, strict=False)):
-        ids = (
-            ti.xcom_pull(task_ids=SEARCH_TASK_ID, key="imageSetIds", map_indexes=map_index)
-            if job_id
-            else None
-        )
-        if not ids:
-            continue
-        job = {"datastore_id": chunk["datastore_id"], "job_id": str(job_id)}
-        submitted = hook.get_import_job(job["datastore_id"], job["job_id"]).get("submittedAt")
+    for item, submitted in zip(found, ordered_map(submitted_at, found), strict=True):
         if isinstance(submitted, datetime) and run_started and submitted < run_started - ANNOUNCE_SKEW:
             # re-attached to a job that another run (or this run before a clear) started and announced
             earlier += 1
             continue
-        imports.append({"datastoreId": job["datastore_id"], "jobId": job["job_id"], "imageSetIds": list(ids)})
+        imports.append(item)
     if earlier:
         log.info("%d job(s) were started before this run (re)started: announced then, not again", earlier)
     if not imports:
@@ -333,13 +376,13 @@ def import_dicom(
     client_token: str | None,
 ) -> None:
     """One planned chunk: wait for the job ``start_imports`` starts for it (deferred; from the moment it exists,
-    not after the last start), then find exactly its image sets. Labelled in the UI by the chunk's prefix.
+    not after the last start). Labelled in the UI by the chunk's prefix.
 
-    Takes every key of a chunk (:func:`chunk_specs`), as ``expand_kwargs`` passes them all; the start's own
-    arguments (role, output, digest, name, token, plan and chunk ids) are ``start_imports``' business.
+    Takes every key of a chunk (:func:`chunk_specs`), as ``expand_kwargs`` passes them all; the others are
+    ``start_imports``' and the run's search's business.
     """
     # [START howto_sensor_dicom_import_job]
-    wait = DICOMImportJobSensor(
+    DICOMImportJobSensor(
         task_id="wait_for_import_job",
         datastore_id=datastore_id,
         started_by=START_TASK_ID,  # its XCom "jobs" names this chunk's job once it is started
@@ -355,22 +398,6 @@ def import_dicom(
         aws_conn_id=config.aws_conn_id(),
     )
     # [END howto_sensor_dicom_import_job]
-    # [START howto_operator_search_image_sets]
-    search = SearchImageSetsOperator(
-        task_id="search_image_sets",
-        datastore_id=datastore_id,
-        search_criteria="{{ params.search_criteria | tojson }}",
-        max_results=max_results,
-        all_pages=True,
-        import_job_id=JOB_OF_WAIT,
-        include_phi=include_phi,
-        phi_allow_tags=phi_allow_tags,
-        execution_timeout=timedelta(minutes=30),
-        map_index_template=SEARCH_LABEL,
-        aws_conn_id=config.aws_conn_id(),
-    )
-    # [END howto_operator_search_image_sets]
-    wait >> search
 
 
 @task(task_id="import_report", trigger_rule="all_done", execution_timeout=timedelta(hours=1), retries=2)
@@ -399,14 +426,27 @@ def import_report(chunks: list[dict[str, Any]] | None = None) -> list[dict[str, 
     not_started = {
         f["chunk_id"]: f["message"] for f in ti.xcom_pull(task_ids=START_TASK_ID, key="start_failures") or []
     }
-    jobs: dict[int, list[ChunkJob]] = {}
-    for chunk, job_id in zip(chunks, job_ids, strict=True):
+
+    known = ti.xcom_pull(task_ids=SEARCH_TASK_ID, key="importJobs") or {}
+    limit = RateLimit(JOB_CALLS_PER_SECOND)
+
+    def chunk_job(chunk_and_job: tuple[dict[str, Any], str | None]) -> ChunkJob:
+        chunk, job_id = chunk_and_job
         if job_id:
+            seen = known.get(str(job_id)) or {}
+            if seen.get("jobStatus") == "COMPLETED":  # as the search read it: a COMPLETED job stays so
+                return ChunkJob.from_job_properties(chunk["chunk_id"], {"jobId": str(job_id), **seen})
+            limit.acquire()
             properties = hook.get_import_job(chunk["datastore_id"], str(job_id))
-            job = ChunkJob.from_job_properties(chunk["chunk_id"], properties)
-        else:
-            message = not_started.get(chunk["chunk_id"], "start_imports did not finish")
-            job = ChunkJob(chunk["chunk_id"], message=message[:500])
+            return ChunkJob.from_job_properties(chunk["chunk_id"], properties)
+        message = not_started.get(chunk["chunk_id"], "start_imports did not finish")
+        return ChunkJob(chunk["chunk_id"], message=message[:500])
+
+    if any(job_id and (known.get(str(job_id)) or {}).get("jobStatus") != "COMPLETED" for job_id in job_ids):
+        hook.conn  # noqa: B018 - one client for every thread, made before they start
+    jobs: dict[int, list[ChunkJob]] = {}
+    pairs = zip(chunks, job_ids, strict=True)
+    for chunk, job in zip(chunks, ordered_map(chunk_job, pairs), strict=True):
         jobs.setdefault(chunk["plan_index"], []).append(job)
 
     summaries = []
@@ -428,7 +468,10 @@ def import_report(chunks: list[dict[str, Any]] | None = None) -> list[dict[str, 
                 "%d file(s) of %s failed to import (within max_failed_files)", failed, plan.input_s3_uri
             )
     states = ti.get_task_states(
-        dag_id=ti.dag_id, run_ids=[context["run_id"]], task_ids=[START_TASK_ID], task_group_id=GROUP_ID
+        dag_id=ti.dag_id,
+        run_ids=[context["run_id"]],
+        task_ids=[START_TASK_ID, SEARCH_TASK_ID],
+        task_group_id=GROUP_ID,
     )
     unfinished = sorted(
         f"{task_id}[{map_index}]: {state}"
@@ -460,8 +503,43 @@ def compose_imports(specs: Any) -> Any:
     chunks: Any = plan_imports(specs)
     start = start_imports(chunks)
     imports = import_dicom.expand_kwargs(chunks)  # not after start: each wait begins when its own job exists
+    search = search_image_sets()
     report = import_report(chunks)
     publish = publish_image_sets(chunks)
-    start >> [publish, report]
-    imports >> [publish, report]
+    [start, imports] >> search
+    [start, imports, search] >> publish
+    [start, imports, search] >> report
     return report
+
+
+def search_setting(name: str, to_json: bool = False) -> str:
+    """A template of one of the run's search settings (``plan_imports``' XCom ``search``)."""
+    value = f"ti.xcom_pull(task_ids='plan_imports', key='{SEARCH_KEY}')['{name}']"
+    return f"{{{{ {value} | tojson }}}}" if to_json else f"{{{{ {value} }}}}"
+
+
+def search_image_sets() -> SearchImageSetsOperator:
+    """The run's search: the image sets of every job of the run, in one task once all waits ended.
+
+    One task rather than one per chunk: a task costs a worker seconds to start, and a run of many small chunks
+    would spend more on starting searches than the service spends importing. It runs once ``start_imports`` and
+    every wait are done and one of them succeeded, whatever became of the others (the image sets of the chunks
+    that imported). It is skipped when a wait was skipped (a plan of no chunks maps no wait, which skips it).
+    """
+    # [START howto_operator_search_image_sets]
+    search = SearchImageSetsOperator(
+        task_id=SEARCH_TASK_ID,
+        datastore_id=search_setting("datastore_id"),
+        search_criteria="{{ params.search_criteria | tojson }}",
+        max_results=search_setting("max_results"),
+        all_pages=True,
+        import_job_ids=JOBS_OF_RUN,  # each chunk's job, None where none was started
+        include_phi=search_setting("include_phi"),
+        phi_allow_tags=search_setting("phi_allow_tags", to_json=True),
+        trigger_rule="all_done_min_one_success",
+        execution_timeout=timedelta(hours=2),  # every job of the run, 20 a second
+        retries=2,
+        aws_conn_id=config.aws_conn_id(),
+    )
+    # [END howto_operator_search_image_sets]
+    return search

@@ -470,6 +470,41 @@ class StartDICOMImportOperator(HealthImagingAwsMixin, BaseOperator):
         return job_id
 
 
+#: Members of ``jobProperties`` in ``importJobs`` (no names, no messages: only what a downstream task needs).
+JOB_MEMBERS = ("jobStatus", "submittedAt", "endedAt", "outputS3Uri")
+
+
+class ImportJobNotCompleted(AirflowException):
+    """The import job whose image sets were asked for has not COMPLETED."""
+
+
+def coerce_job_ids(value: list[str | None] | str | None) -> list[str] | None:
+    """``import_job_ids`` as a list of checked job ids, None entries dropped; None when not given.
+
+    :param value: a list, or a rendered JSON list (``"None"`` and ``""`` mean not given)
+    :raises AirflowFailException: for anything else, or an entry that is not a job id
+    """
+    import json
+
+    if isinstance(value, str):
+        if value.strip() in ("", "None", "null"):
+            return None
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise AirflowFailException(
+                "import_job_ids must be a list of job ids (or a JSON list), got text that is not JSON"
+            ) from None
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise AirflowFailException(f"import_job_ids must be a list of job ids, got {type(value).__name__}")
+    job_ids = [str(job_id) for job_id in value if job_id]
+    for job_id in job_ids:
+        check_parameter("job_id", job_id)
+    return list(dict.fromkeys(job_ids))
+
+
 class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
     """
     Search the image sets of a data store, or list exactly the image sets one import job created or updated.
@@ -491,6 +526,11 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
     :param import_job_id: return the image sets of this import job (from its output manifest) instead of
         searching the whole data store; with ``search_criteria``, only those the search matches, in the
         search's order (templated)
+    :param import_job_ids: the same for many jobs in one task (a run's chunks): a list of job ids, None entries
+        skipped (templated; a rendered JSON list is parsed). The jobs are read a few at a time; one not COMPLETED
+        is left out with a warning (its wait failed, and the import report says why). Also pushes
+        ``imageSetIdsByJob`` (job id -> image-set ids) and ``importJobs`` (job id -> status, ``submittedAt``,
+        ``endedAt``, ``outputS3Uri`` as read); the other keys hold the image sets of every job, each once
     :param all_pages: follow ``nextToken`` to the last page (default: first page only)
     :param include_phi: keep every DICOM tag unchanged in XCom (templated; a rendered ``"True"``/``"False"`` is
         parsed strictly)
@@ -511,6 +551,7 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         "search_criteria",
         "max_results",
         "import_job_id",
+        "import_job_ids",
         "include_phi",
         "phi_allow_tags",
         "max_image_set_lookups",
@@ -528,8 +569,9 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         search_criteria: dict[str, Any] | str | None = None,
         max_results: int | str = 50,
         import_job_id: str | None = None,
+        import_job_ids: list[str | None] | str | None = None,
         all_pages: bool = False,
-        include_phi: bool = False,
+        include_phi: bool | str = False,
         phi_allow_tags: list[str] | str | None = None,
         max_image_set_lookups: int | str = 100,
         **kwargs: Any,
@@ -538,7 +580,12 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         self.datastore_id = datastore_id
         self.search_criteria = {} if search_criteria is None else search_criteria
         self.max_results = max_results
+        if import_job_id is not None and import_job_ids is not None:
+            raise ValueError("SearchImageSetsOperator takes import_job_id or import_job_ids, not both")
+        #: Given import_job_ids, a rendered None means no jobs, never a search of the whole data store.
+        self._many_jobs = import_job_ids is not None
         self.import_job_id = import_job_id
+        self.import_job_ids = import_job_ids
         self.all_pages = all_pages
         self.include_phi = include_phi
         self.phi_allow_tags = phi_allow_tags
@@ -579,9 +626,15 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         allow_tags = parse_allow_tags(self.phi_allow_tags)
         max_lookups = coerce_optional_count("max_image_set_lookups", self.max_image_set_lookups)
 
-        if self.import_job_id:
+        job_ids = (coerce_job_ids(self.import_job_ids) or []) if self._many_jobs else None
+        by_job: dict[str, list[dict[str, Any]]] | None = None
+        jobs: dict[str, dict[str, Any]] = {}
+        next_token = None
+        if job_ids is not None:
+            by_job, jobs = self._import_jobs_image_sets(job_ids, criteria, max_results, max_lookups)
+            summaries = list({s["imageSetId"]: s for found in by_job.values() for s in found}.values())
+        elif self.import_job_id:
             summaries = self._import_job_image_sets(self.import_job_id, max_results, max_lookups)
-            next_token = None
             if criteria:
                 summaries = self._matching(summaries, criteria, max_results)
         else:
@@ -602,9 +655,77 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
             "imageSetsMetadataSummaries": summaries,
             "nextToken": next_token,
         }
+        if by_job is not None:
+            result["imageSetIdsByJob"] = {
+                job: [s["imageSetId"] for s in found] for job, found in by_job.items()
+            }
+            result["importJobs"] = jobs
         self.log.info("Found %d image set(s) in data store %s", len(ids), self.datastore_id)
         for key, value in result.items():
             context["ti"].xcom_push(key=key, value=value)
+        failed = [job for job, properties in jobs.items() if properties.get("error")]
+        if failed:  # after the push: the other jobs' image sets stay announced
+            raise AirflowException(
+                f"The image sets of {len(failed)} of {len(jobs)} import job(s) could not be found: "
+                f"{', '.join(failed[:20])} (importJobs in XCom says why); the others are in XCom"
+            )
+
+    def _import_jobs_image_sets(
+        self, job_ids: list[str], criteria: dict[str, Any], max_results: int, max_lookups: int | None
+    ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+        """The image sets of each COMPLETED job of ``job_ids`` (jobs read a few at a time, under GetDICOMImportJob's
+        rate); with ``criteria``, only those one search matches. Jobs not COMPLETED are left out with a warning.
+
+        :return: the image sets by job, and every job's status, times and folder as read (for ``importJobs``)
+        """
+        from healthimaging.fanout import JOB_CALLS_PER_SECOND, RateLimit, ordered_map
+        from healthimaging.manifest import to_iso
+
+        limit = RateLimit(JOB_CALLS_PER_SECOND)
+
+        def read(job_id: str) -> tuple[dict[str, Any], list[dict[str, Any]] | None, str | None]:
+            limit.acquire()
+            job = self.hook.get_import_job(self.datastore_id, job_id)
+            try:
+                return job, self._completed_job_image_sets(job, max_results, max_lookups), None
+            except ImportJobNotCompleted:
+                return job, None, None
+            except (
+                AirflowException
+            ) as error:  # this job only (its manifest, its lookups): the others still count
+                return job, None, str(error)[:500]
+
+        self.hook.conn.meta  # noqa: B018 - one client of each kind for every thread, made before they start
+        self.hook.s3_hook.get_conn()
+        by_job: dict[str, list[dict[str, Any]]] = {}
+        jobs: dict[str, dict[str, Any]] = {}
+        not_completed, failed = [], []
+        for job_id, (job, found, error) in zip(job_ids, ordered_map(read, job_ids), strict=True):
+            jobs[job_id] = to_iso({key: job.get(key) for key in JOB_MEMBERS})
+            if error:
+                jobs[job_id]["error"] = error
+                failed.append(job_id)
+                self.log.warning("Image sets of import job %s not found: %s", job_id, error)
+            elif found is None:
+                not_completed.append(job_id)
+            else:
+                by_job[job_id] = found
+        if not_completed:
+            self.log.warning(
+                "%d of %d import job(s) are not COMPLETED, so they have no image sets here: %s",
+                len(not_completed),
+                len(job_ids),
+                ", ".join(not_completed[:20]),
+            )
+        if criteria and by_job:
+            matching = {
+                s["imageSetId"]
+                for s in self._matching(
+                    [s for found in by_job.values() for s in found], criteria, max_results
+                )
+            }
+            by_job = {job: [s for s in found if s["imageSetId"] in matching] for job, found in by_job.items()}
+        return by_job, jobs
 
     def _search(
         self, criteria: dict[str, Any], max_results: int, all_pages: bool
@@ -652,11 +773,20 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         by :attr:`job_window_skew`) finds them in bulk and stops once it has them all. Image sets it misses
         (updated again since the job, or deleted) are read one by one, at most ``max_lookups`` of them.
         """
+
+        return self._completed_job_image_sets(
+            self.hook.get_import_job(self.datastore_id, job_id), max_results, max_lookups
+        )
+
+    def _completed_job_image_sets(
+        self, job: Mapping[str, Any], max_results: int, max_lookups: int | None
+    ) -> list[dict[str, Any]]:
+        """:meth:`_import_job_image_sets` of a job already read (``jobProperties``)."""
         from healthimaging.hooks import import_job_states
 
-        job = self.hook.get_import_job(self.datastore_id, job_id)
+        job_id = str(job["jobId"])
         if job["jobStatus"] not in import_job_states()["success"]:
-            raise AirflowException(f"DICOM import job {job_id} is {job['jobStatus']}, not COMPLETED")
+            raise ImportJobNotCompleted(f"DICOM import job {job_id} is {job['jobStatus']}, not COMPLETED")
         manifest = self.hook.get_job_output_manifest(str(job["outputS3Uri"]))
         if manifest is None:
             raise AirflowException(f"Output manifest of DICOM import job {job_id} was not found")

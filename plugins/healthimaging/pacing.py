@@ -14,6 +14,7 @@ and the operator's own backoff absorbs a ThrottlingException or ServiceQuotaExce
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,9 @@ MIN_WAIT = 1.0
 FULL_WAIT = 60.0
 #: How much later than this process's start call the service may stamp that job's submittedAt.
 OWN_START_SKEW = timedelta(seconds=5)
+#: Seconds a listing of the jobs in flight stands for :class:`StartPacer`: between listings it counts its own
+#: starts, and lists before every start once that count comes near the limit.
+LISTING_MAX_AGE = 10.0
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,14 @@ def seconds_until_start(
 class StartPacer:
     """Block until the next StartDICOMImportJob call keeps the pace (for one task that starts many jobs).
 
-    Asks the service once before each start (:func:`jobs_in_flight`), and again only while the data store is full.
-    It spaces its starts by its own clock, and from the service's newest ``submittedAt`` only when that job is not
-    its own last start (another run's): the service stamps a job a moment after the call, so spacing from the
-    stamp would add that moment to every interval. It sleeps exactly the time left, so starts come
-    ``1 / start_rate`` apart.
+    Asks the service (:func:`jobs_in_flight`) at most every :data:`LISTING_MAX_AGE` seconds, and before every start
+    once the jobs last seen in flight plus its own starts since come within what other runs could have started
+    meanwhile (``start_rate * LISTING_MAX_AGE``) of the limit; again only while the data store is full. Between
+    listings it counts its own starts: a listing per start cost more than the start itself, and spaced the starts
+    wider than ``1 / start_rate``. It spaces its starts by its own clock, and from the service's newest
+    ``submittedAt`` (right after a listing) only when that job is not its own last start (another run's): the
+    service stamps a job a moment after the call, so spacing from the stamp would add that moment to every
+    interval. It sleeps exactly the time left, so starts come ``1 / start_rate`` apart.
 
     :param client: a boto3 ``medical-imaging`` client
     :param datastore_id: the data store
@@ -139,21 +146,35 @@ class StartPacer:
         self.clock = clock or time.monotonic
         self._last: float | None = None
         self._last_started: datetime | None = None
+        self._listed_at: float | None = None
+        self._seen_in_flight = 0
+        self._own_since_listing = 0
+
+    def _needs_listing(self) -> bool:
+        if self._listed_at is None or self.clock() - self._listed_at >= LISTING_MAX_AGE:
+            return True
+        unseen = max(
+            2, math.ceil(self.pace.start_rate * LISTING_MAX_AGE)
+        )  # other runs' starts since the listing
+        return self._seen_in_flight + self._own_since_listing + unseen >= self.pace.max_imports_in_flight
 
     def __call__(self) -> None:
         interval = 1.0 / self.pace.start_rate
-        while True:
-            in_flight, newest = jobs_in_flight(
-                self.client, self.datastore_id, self.pace.max_imports_in_flight
-            )
-            if in_flight < self.pace.max_imports_in_flight:
-                break
-            log.info(
-                "Data store %s has %d imports in flight: waiting",
-                self.datastore_id,
-                self.pace.max_imports_in_flight,
-            )
-            self.sleep(FULL_WAIT)
+        newest: datetime | None = None
+        if self._needs_listing():
+            while True:
+                in_flight, newest = jobs_in_flight(
+                    self.client, self.datastore_id, self.pace.max_imports_in_flight
+                )
+                if in_flight < self.pace.max_imports_in_flight:
+                    break
+                log.info(
+                    "Data store %s has %d imports in flight: waiting",
+                    self.datastore_id,
+                    self.pace.max_imports_in_flight,
+                )
+                self.sleep(FULL_WAIT)
+            self._listed_at, self._seen_in_flight, self._own_since_listing = self.clock(), in_flight, 0
         wait = 0.0
         if newest is not None and not self._is_own(newest):  # another run's start: space from it too
             wait = interval - (datetime.now(UTC) - newest).total_seconds()
@@ -165,6 +186,7 @@ class StartPacer:
             self.sleep(wait)
         self._last = self.clock()
         self._last_started = datetime.now(UTC)
+        self._own_since_listing += 1
 
     def _is_own(self, submitted: datetime) -> bool:
         """Whether the newest job in flight is this pacer's last start (the service stamps it a moment later).

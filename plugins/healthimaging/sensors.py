@@ -49,8 +49,9 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
     :param job_id: the import job id (templated); may be left out with ``started_by``
     :param started_by: the id of a task of the same run that starts the job and pushes an XCom ``jobs`` after
         every start: a list of job ids (None for one not started yet) whose entry at this sensor's map index is
-        its job. The sensor begins while that task still runs (it waits in the triggerer for its entry) and fails
-        when that task ended without starting it. This is how the import pipeline's waits start as soon as their
+        its job. The sensor begins while that task still runs (it waits in the triggerer for its entry; deferrable,
+        it goes to the triggerer at once also when the job is already started, without ``first_poke_jitter``) and
+        fails when that task ended without starting it. This is how the import pipeline's waits start as soon as their
         own job exists rather than after its last start (:mod:`healthimaging.started_jobs`)
     :param input_s3_uri: the job's input prefix, when known: for the map label (``{{ task.input_s3_uri }}``) and
         the log; not used to find the job (templated)
@@ -120,6 +121,11 @@ class DICOMImportJobSensor(HealthImagingAwsMixin, BaseSensorOperator):
         coerce_optional_count("max_failed_files", self.max_failed_files)
         if not self.job_id and self.started_by:
             self.job_id = self._started_job(context)
+            if self.deferrable:
+                check_parameter("job_id", self.job_id)
+                # Straight to the triggerer: a job just started is running, and a first check here would cost
+                # this worker a client and a manifest read (the pipeline's many waits start beside their jobs).
+                self._defer()
         check_parameter("job_id", self.job_id)
         self._jitter_first_poke(context)
         # Deferrable too, the first check runs inside the base sensor's handling (soft_fail, never_fail,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from functools import cache
 from typing import TYPE_CHECKING, Any, cast
 
@@ -22,6 +21,7 @@ from botocore.exceptions import ClientError, HTTPClientError, WaiterError
 from botocore.exceptions import ConnectionError as BotocoreConnectionError
 
 from healthimaging import config
+from healthimaging.fanout import RateLimit
 from healthimaging.hooks import IMPORT_JOB_WAITER, HealthImagingHook, import_job_states
 
 if TYPE_CHECKING:
@@ -115,25 +115,23 @@ class PollRateLimiter:
     """Spaces the calls of one process to at most ``rate`` per second (all triggers of a triggerer share it).
 
     Jitter spreads polls on average, but random phases still make one-second peaks well above the mean; this
-    bounds them. Only used from the triggerer's event loop, so no lock is needed: nothing awaits between
-    reading and moving the next free slot.
+    bounds them. The async face of :class:`healthimaging.fanout.RateLimit`.
 
     :param rate: calls per second; 0 or less turns the limit off.
     """
 
     def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self._next = 0.0
+        self._limit = RateLimit(rate)
+
+    @property
+    def rate(self) -> float:
+        return self._limit.rate
 
     async def acquire(self) -> None:
         """Wait for this call's slot."""
-        if self.rate <= 0:
-            return
-        now = time.monotonic()
-        slot = max(now, self._next)
-        self._next = slot + 1.0 / self.rate
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        delay = self._limit.reserve()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
 
 @cache

@@ -34,15 +34,17 @@ STEP_TASKS = {
     # One task starts every chunk's job (a StartDICOMImportOperator per chunk, at the service's pace).
     "startImportJob": ("start_imports", "StartDICOMImportOperator"),
     "pollImportJob": ("import_dicom.wait_for_import_job", "DICOMImportJobSensor"),
-    "searchImageSets": ("import_dicom.search_image_sets", "SearchImageSetsOperator"),
+    # One task finds the image sets of every job of the run (imageSetIdsByJob: which job made which).
+    "searchImageSets": ("search_image_sets", "SearchImageSetsOperator"),
 }
 #: workflow output -> (step's task, XCom key, key inside the value or None)
 OUTPUT_XCOMS = {
-    # start_imports returns every started job; per import, the sensor's result names its job.
+    # start_imports returns every started job; per import (map index), the sensor's result names its job.
     "jobId": ("import_dicom.wait_for_import_job", "return_value", "jobId"),
     "jobStatus": ("import_dicom.wait_for_import_job", "return_value", "jobStatus"),
-    "firstImageSetId": ("import_dicom.search_image_sets", "firstImageSetId", None),
-    "imageSetsMetadataSummaries": ("import_dicom.search_image_sets", "imageSetsMetadataSummaries", None),
+    # of the whole run (every import's image sets, each once)
+    "firstImageSetId": ("search_image_sets", "firstImageSetId", None),
+    "imageSetsMetadataSummaries": ("search_image_sets", "imageSetsMetadataSummaries", None),
 }
 
 
@@ -81,7 +83,7 @@ class TestMirrorsWorkflow:
         tasks = [dag.get_task(STEP_TASKS[step][0]) for step in step_ids]
         for task, (_, class_name) in zip(tasks, STEP_TASKS.values(), strict=True):
             assert class_name in [cls.__name__ for cls in step_operator(task).__mro__]
-            if task.task_id != "start_imports":
+            if task.task_id == "import_dicom.wait_for_import_job":
                 assert task.task_group.group_id == "import_dicom"
         start, wait, search = tasks
         # The wait runs beside the start (each chunk's wait begins when its own job exists): it takes its job
@@ -89,6 +91,7 @@ class TestMirrorsWorkflow:
         assert wait.started_by == start.task_id
         assert start.task_id not in wait.get_flat_relative_ids(upstream=True)
         assert wait.task_id in search.get_flat_relative_ids(upstream=True)
+        assert search.trigger_rule == "all_done_min_one_success"  # found what imported, whatever failed
         assert start.task_id in dag.get_task("import_report").get_flat_relative_ids(upstream=True)
 
     def test_each_task_calls_its_steps_operation(self, workflow: dict[str, Any], dag: Any) -> None:
@@ -233,27 +236,30 @@ def test_end_to_end_workflow_outputs_in_xcom(
     assert run.state == "success", task_states(run)
     xcoms = run_xcoms(IMPORT_DAG_ID, run.run_id)
     seen: set[str] = set()
+    by_job = xcoms[("search_image_sets", -1, "imageSetIdsByJob")]
     for map_index, prefix in enumerate(prefixes):
         outputs = {}
         for name, (task_id, key, member) in OUTPUT_XCOMS.items():
-            value = xcoms[(task_id, map_index, key)]
+            value = xcoms[(task_id, map_index if task_id.startswith("import_dicom.") else -1, key)]
             outputs[name] = value[member] if member else value
         assert set(outputs) == set(workflow["outputs"])
         assert re.fullmatch(r"[0-9a-z]{32}", outputs["jobId"])
         assert outputs["jobStatus"] == "COMPLETED"
         job = mi.get_dicom_import_job(datastoreId=datastore_id, jobId=outputs["jobId"])["jobProperties"]
         assert job["inputS3Uri"] == f"s3://{BUCKET}/{prefix}"
-        ids = xcoms[("import_dicom.search_image_sets", map_index, "imageSetIds")]
+        ids = by_job[outputs["jobId"]]
         assert sorted(ids) == sorted(manifest_image_set_ids(s3, job))  # exactly this import's image sets
         assert len(ids) == 2
-        assert outputs["firstImageSetId"] == ids[0]
-        assert [s["imageSetId"] for s in outputs["imageSetsMetadataSummaries"]] == ids
-        for summary in outputs["imageSetsMetadataSummaries"]:  # include_phi defaults to False
-            assert summary.get("DICOMTags", {}).get("DICOMPatientName") in (None, "")
-        # the summaries are written once: under the workflow's name, not again in return_value (issue 12)
-        assert ("import_dicom.search_image_sets", map_index, "return_value") not in xcoms
         assert not seen & set(ids)
         seen |= set(ids)
+    ids = xcoms[("search_image_sets", -1, "imageSetIds")]
+    assert sorted(ids) == sorted(seen)  # every import's image sets, each once
+    assert outputs["firstImageSetId"] == ids[0]
+    assert [s["imageSetId"] for s in outputs["imageSetsMetadataSummaries"]] == ids
+    for summary in outputs["imageSetsMetadataSummaries"]:  # include_phi defaults to False
+        assert summary.get("DICOMTags", {}).get("DICOMPatientName") in (None, "")
+    # the summaries are written once: under the workflow's name, not again in return_value (issue 12)
+    assert ("search_image_sets", -1, "return_value") not in xcoms
 
     from airflow.models.asset import AssetEvent
     from airflow.utils.session import create_session
@@ -292,9 +298,7 @@ def test_nightly_run_imports_its_data_intervals_prefix(
     job_id = xcoms[("start_imports", -1, "return_value")][0]["job_id"]
     job = mi.get_dicom_import_job(datastoreId=datastore_id, jobId=job_id)["jobProperties"]
     assert job["inputS3Uri"] == f"s3://{BUCKET}/incoming/2025/01/30/"
-    assert sorted(xcoms[("import_dicom.search_image_sets", 0, "imageSetIds")]) == sorted(
-        manifest_image_set_ids(s3, job)
-    )
+    assert sorted(xcoms[("search_image_sets", -1, "imageSetIds")]) == sorted(manifest_image_set_ids(s3, job))
 
 
 @pytest.mark.timeout(300)

@@ -99,3 +99,42 @@ def test_loose_files_beyond_one_job_need_a_staging_prefix(
     assert run.state == "failed"
     assert task_states(run)[("plan_imports", -1)] == "failed"
     assert _jobs(mi, datastore_id) == []
+
+
+def test_an_import_over_max_failed_files_fails_its_wait_and_is_not_announced(
+    airflow_db: Path, endpoint: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's one search finds every COMPLETED job's image sets; the asset event names only the imports whose
+    wait succeeded, and the run fails."""
+    from datetime import datetime
+
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    datastore_id, s3, mi = prepare_endpoint(endpoint, monkeypatch, ["good/", "bad/"])
+    s3.put_object(Bucket=BUCKET, Key="bad/not-dicom.dcm", Body=b"this is not a DICOM file")
+    dag = load_dag_module(IMPORT_DAG_ID).dag
+    run = dag.test(
+        logical_date=None,
+        run_conf={"input_s3_uris": [f"s3://{BUCKET}/good/", f"s3://{BUCKET}/bad/"], "max_failed_files": 0},
+    )
+
+    assert run.state == "failed"
+    states = task_states(run)
+    assert states[("import_dicom.wait_for_import_job", 0)] == "success"
+    assert states[("import_dicom.wait_for_import_job", 1)] == "failed"
+    assert states[("search_image_sets", -1)] == "success"
+    xcoms = run_xcoms(IMPORT_DAG_ID, run.run_id)
+    good, bad = xcoms[("start_imports", -1, "jobs")]
+    jobs = xcoms[("search_image_sets", -1, "importJobs")]
+    assert {jobs[good]["jobStatus"], jobs[bad]["jobStatus"]} == {"COMPLETED"}
+    assert datetime.fromisoformat(jobs[bad]["submittedAt"]) <= datetime.fromisoformat(jobs[bad]["endedAt"])
+    by_job = xcoms[("search_image_sets", -1, "imageSetIdsByJob")]
+    assert len(by_job[good]) == 2
+    assert len(by_job[bad]) == 2  # its DICOM files imported; the bad file did not
+    with create_session() as session:
+        (event,) = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run.run_id)).all()
+    assert event.extra["jobIds"] == [good]
+    assert sorted(event.extra["imageSetIds"]) == sorted(by_job[good])
+    assert states[("import_report", -1)] == "failed"

@@ -473,13 +473,17 @@ class AirflowApi:
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         """Every task instance of the run, mapped ones included (one entry per map index)."""
-        return list(
-            self.json(
+        # Pages of 100: the API server caps ``limit`` at ``[api] maximum_page_limit`` (100) without saying so.
+        found: list[dict[str, Any]] = []
+        while True:
+            page = self.json(
                 "GET",
                 f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances",
-                params={"limit": 1000},
-            )["task_instances"]
-        )
+                params={"limit": 100, "offset": len(found), "order_by": "id"},
+            )
+            found.extend(page["task_instances"])
+            if not page["task_instances"] or len(found) >= page["total_entries"]:
+                return found
 
     def ti_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
         """``{task_id: state}`` (``task_id[map_index]`` for mapped instances)."""

@@ -172,9 +172,9 @@ def test_two_prefix_run_from_the_form_reaches_the_downstream_example(
     ui_page.get_by_test_id("state-badge").filter(has_text="Success").first.wait_for()
     screenshot(ui_page, "import-run")
 
-    # Each chunk's wait and search are labelled by the chunk's prefix (here each prefix is one chunk).
+    # Each chunk's wait is labelled by the chunk's prefix (here each prefix is one chunk).
     uris = {f"s3://{BUCKET}/{p}" for p in prefixes}
-    for task_id in (test_deployment.WAIT, test_deployment.SEARCH):
+    for task_id in (test_deployment.WAIT,):
         labels = {
             t["rendered_map_index"] for t in api.task_instances(DAG_ID, run_id) if t["task_id"] == task_id
         }

@@ -36,8 +36,7 @@ DAG_ID = "healthimaging_import_dicom_and_search"
 RESOLVE = "resolve_imports"
 START = "start_imports"  # one task starts every chunk's job, at the pace
 WAIT = "import_dicom.wait_for_import_job"
-SEARCH = "import_dicom.search_image_sets"
-PUBLISH = "import_dicom.publish_image_sets"
+SEARCH = "search_image_sets"  # the run's one search (every job's image sets)
 PLAN = "plan_imports"
 REPORT = "import_report"
 ROLE_ARN = "arn:aws:iam::123456789012:role/HealthImagingImportRole"
@@ -232,9 +231,9 @@ def assert_run_matches_manifest(api: AirflowApi, site: Site, run_id: str, prefix
     ):
         assert result[key] == int(manifest.get(key) or 0), key
     manifest_ids = [summary["imageSetId"] for summary in manifest["imageSetsSummary"]]
-    search_ids = api.xcom(DAG_ID, run_id, SEARCH, "imageSetIds", map_index=0)
+    search_ids = api.xcom(DAG_ID, run_id, SEARCH, "imageSetIds")
     assert sorted(search_ids) == sorted(set(manifest_ids))
-    summaries = api.xcom(DAG_ID, run_id, SEARCH, "imageSetsMetadataSummaries", map_index=0)
+    summaries = api.xcom(DAG_ID, run_id, SEARCH, "imageSetsMetadataSummaries")
     # Without include_phi the UIDs are Annex E replacements (action U): one per series, none of the real ones.
     found_series = {s["DICOMTags"]["DICOMSeriesInstanceUID"] for s in summaries}
     assert len(found_series) == len(site.series_uids(prefix))
@@ -403,7 +402,7 @@ def test_endpoint_killed_mid_import_and_restarted(api: AirflowApi, make_site: Ca
     if run["state"] == "success":
         result = assert_run_matches_manifest(api, site, run_id, "incoming/five/")
         assert result["numberOfGeneratedImageSets"] == len(site.series_uids("incoming/five/"))
-        assert site.image_set_ids() == set(api.xcom(DAG_ID, run_id, SEARCH, "imageSetIds", map_index=0))
+        assert site.image_set_ids() == set(api.xcom(DAG_ID, run_id, SEARCH, "imageSetIds"))
     else:
         failed = {k: v for k, v in api.ti_states(DAG_ID, run_id).items() if v == "failed"}
         assert failed, describe(api, run_id)
@@ -419,7 +418,7 @@ def test_endpoint_killed_mid_import_and_restarted(api: AirflowApi, make_site: Ca
 
 def test_failed_job_fails_the_sensor_and_the_run(api: AirflowApi, make_site: Callable[..., Site]) -> None:
     """A job that ends FAILED (``--fail-jobs 1``: the endpoint fails the data store's first job) fails the sensor
-    at once with the service's message, skips the search, and the report fails the run."""
+    at once with the service's message, the search finds nothing of it, and the report fails the run."""
     site = make_site("--fail-jobs", "1")
     prefix = "incoming/failed/"
     site.upload_sample(prefix, seed=606)
@@ -438,13 +437,14 @@ def test_failed_job_fails_the_sensor_and_the_run(api: AirflowApi, make_site: Cal
     log = api.task_log(DAG_ID, run_id, WAIT, sensor["try_number"], 0)
     assert f"DICOM import job {job['jobId']} FAILED" in log, log[-3000:]
     assert str(job["message"]) in log, log[-3000:]
-    assert api.ti_states(DAG_ID, run_id).get(f"{SEARCH}[0]") != "success"
     # A FAILED job stays FAILED: the sensor fails at once instead of spending its retries.
     assert sensor["state"] == "failed", sensor
     assert sensor["try_number"] == 1, sensor
     run = api.wait_for_run(DAG_ID, run_id, timeout=180)
     assert run["state"] == "failed", run
-    assert state_of(api, run_id, SEARCH) in {None, "upstream_failed", "removed", "skipped"}
+    # The run's search leaves the FAILED job out: it finds no image set.
+    assert api.xcom(DAG_ID, run_id, SEARCH, "imageSetIds") == []
+    assert api.xcom(DAG_ID, run_id, SEARCH, "imageSetIdsByJob") == {}
     assert api.ti_states(DAG_ID, run_id)[REPORT] == "failed", describe(api, run_id)
     assert len(site.jobs()) == 1
 
@@ -572,7 +572,7 @@ def test_backfill_three_days(
         run_id = run["dag_run_id"]
         assert api.xcom(DAG_ID, run_id, RESOLVE)[0]["input_s3_uri"] == f"s3://{BUCKET}/{prefix}"
         assert_run_matches_manifest(api, site, run_id, prefix)
-        ids = set(api.xcom(DAG_ID, run_id, SEARCH, "imageSetIds", map_index=0))
+        ids = set(api.xcom(DAG_ID, run_id, SEARCH, "imageSetIds"))
         assert ids.isdisjoint(seen)
         seen |= ids
 
@@ -698,12 +698,8 @@ def test_no_phi_in_any_log_and_xcom_only_when_opted_in(
         api, opted_in_run
     )
 
-    masked: list[dict[str, Any]] = api.xcom(
-        DAG_ID, masked_run, SEARCH, "imageSetsMetadataSummaries", map_index=0
-    )
-    opted_in: list[dict[str, Any]] = api.xcom(
-        DAG_ID, opted_in_run, SEARCH, "imageSetsMetadataSummaries", map_index=0
-    )
+    masked: list[dict[str, Any]] = api.xcom(DAG_ID, masked_run, SEARCH, "imageSetsMetadataSummaries")
+    opted_in: list[dict[str, Any]] = api.xcom(DAG_ID, opted_in_run, SEARCH, "imageSetsMetadataSummaries")
     # The search by the canary patient id found this import's image sets, so the criteria were really used.
     assert len(masked) == 2
     assert all(s["DICOMTags"]["DICOMPatientId"] == "" for s in masked)  # Annex E action Z
@@ -721,7 +717,7 @@ def test_no_phi_in_any_log_and_xcom_only_when_opted_in(
     # search_criteria (issue 13): the canary patient id is in no rendered field, no task instance the REST API
     # (and so the UI) answers with, and no task log read through the API. Only the run's conf holds it: the
     # package cannot redact dag_run.conf (docs/phi.md), which this pins.
-    search_ti = ti_of(api, masked_run, SEARCH)
+    search_ti = ti_of(api, masked_run, SEARCH, map_index=-1)
     assert search_ti["rendered_fields"]["search_criteria"] == {
         "filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": "***"}]}]
     }
@@ -733,7 +729,7 @@ def test_no_phi_in_any_log_and_xcom_only_when_opted_in(
             )
             for ti in api.task_instances(DAG_ID, masked_run)
         },
-        "search task log": api.task_log(DAG_ID, masked_run, SEARCH, search_ti["try_number"], 0),
+        "search task log": api.task_log(DAG_ID, masked_run, SEARCH, search_ti["try_number"]),
     }
     for where, answer in answers.items():
         assert CANARIES["PatientID"] not in json.dumps(answer, default=str), where

@@ -869,6 +869,69 @@ def test_search_import_job_not_completed(stubber, kit, context) -> None:
         _search(kit, import_job_id=kit.JOB_ID).execute(context)
 
 
+def test_search_import_jobs_leaves_out_jobs_not_completed(stubber, kit, context) -> None:
+    _expect_job(stubber, kit, "IN_PROGRESS")
+    with mock.patch.object(SearchImageSetsOperator, "log", new_callable=mock.PropertyMock) as log:
+        result = _run(_search(kit, import_job_ids=json.dumps([None, kit.JOB_ID, None])), context)
+    assert result["imageSetIds"] == []
+    assert result["firstImageSetId"] is None
+    assert result["imageSetIdsByJob"] == {}
+    assert kit.JOB_ID in str(log.return_value.warning.call_args)
+
+
+def test_search_import_jobs_rendered_none_searches_nothing(stubber, kit, context) -> None:
+    """A missing XCom renders ``null``: no jobs, never a search of the whole data store (no call is stubbed)."""
+    for rendered in ("null", "None", ""):
+        result = _run(_search(kit, import_job_ids=rendered), context)
+        assert result["imageSetIds"] == []
+        assert result["imageSetIdsByJob"] == {}
+
+
+def test_search_import_jobs_pushes_what_it_found_before_failing_for_one_job(
+    stubber, s3, kit, context
+) -> None:
+    _expect_job(stubber, kit, "COMPLETED")  # no manifest in S3: its image sets cannot be found
+    with (
+        mock.patch("healthimaging.hooks.time.sleep"),
+        pytest.raises(AirflowException, match="could not be found"),
+    ):
+        _search(kit, import_job_ids=[kit.JOB_ID]).execute(context)
+    pushed = context["ti"].pushed
+    assert pushed["imageSetIds"] == []
+    assert "manifest" in pushed["importJobs"][kit.JOB_ID]["error"].lower()
+    assert pushed["importJobs"][kit.JOB_ID]["jobStatus"] == "COMPLETED"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("None", None),
+        ("", None),
+        ("[]", []),
+        ('["a", null, "a", "b"]', ["a", "b"]),
+        (["c"], ["c"]),
+    ],
+)
+def test_import_job_ids_are_read_from_a_list_or_its_json(value, expected) -> None:
+    from healthimaging.operators import coerce_job_ids
+
+    assert coerce_job_ids(value) == expected
+
+
+@pytest.mark.parametrize("value", ["[not json", '"abc"', '{"a": 1}', '["NOT VALID"]'])
+def test_import_job_ids_refuse_anything_but_a_list_of_job_ids(value) -> None:
+    from healthimaging.operators import coerce_job_ids
+
+    with pytest.raises((AirflowFailException, ValueError), match="import_job_ids|job_id"):
+        coerce_job_ids(value)
+
+
+def test_search_takes_one_job_or_many_not_both(kit) -> None:
+    with pytest.raises(ValueError, match="not both"):
+        _search(kit, import_job_id=kit.JOB_ID, import_job_ids=[kit.JOB_ID])
+
+
 # ------------------------------------------------------------------ real path: the local endpoint
 
 
@@ -1019,6 +1082,23 @@ def test_search_import_job_returns_exactly_its_series(live, kit) -> None:
         assert summary["DICOMTags"]["DICOMStudyInstanceUID"].startswith("2.25.")
     pushed = json.dumps(context["ti"].pushed)
     assert "SYN1-" not in pushed  # the synthetic patient ids
+
+    # Both jobs in one task (as the import pipeline's run-level search): each job's own image sets, each once.
+    both = _run(
+        SearchImageSetsOperator(
+            task_id="search",
+            datastore_id=live.datastore_id,
+            import_job_ids=json.dumps([job_id, None, other_job]),
+            phi_allow_tags="DICOMSeriesInstanceUID",
+        ),
+        kit.make_context(task_id="search"),
+    )
+    assert both["imageSetIdsByJob"][job_id] == result["imageSetIds"]
+    assert len(both["imageSetIdsByJob"][other_job]) == 2
+    assert both["imageSetIds"] == both["imageSetIdsByJob"][job_id] + both["imageSetIdsByJob"][other_job]
+    assert {
+        s["DICOMTags"]["DICOMSeriesInstanceUID"] for s in both["imageSetsMetadataSummaries"]
+    } == mine | others
 
     everything = _run(
         SearchImageSetsOperator(

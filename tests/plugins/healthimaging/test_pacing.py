@@ -309,3 +309,29 @@ def test_pacer_spaces_from_its_own_clock_when_the_newest_job_is_its_own() -> Non
     service.jobs.append(("SUBMITTED", datetime.now(UTC) + timedelta(seconds=30)))  # another run's, newer
     pacer()
     assert slept[-1] > 1.0
+
+
+def test_pacer_lists_again_only_when_the_listing_is_old_or_the_data_store_nearly_full() -> None:
+    """A listing per start cost more than the start: between listings the pacer counts its own starts."""
+    from healthimaging.pacing import LISTING_MAX_AGE, StartPacer
+
+    service = _FakeService()
+    clock, slept, sleep = _fake_time(100.0)
+    pacer = StartPacer(service, "d" * 32, StartPace(5.0, 70), sleep=sleep, clock=lambda: clock[0])
+    for _ in range(5):  # 0.2 s apart: within one listing's age
+        pacer()
+    assert service.calls == 2  # one listing (both statuses)
+    assert slept == [pytest.approx(0.2)] * 4
+    clock[0] += LISTING_MAX_AGE
+    pacer()
+    assert service.calls == 4  # the listing grew old
+    # 70 - 50 (other runs' starts unseen within a listing's age) - 2 seen: from the 18th own start, list every time
+    service.jobs = [("IN_PROGRESS", datetime.now(UTC) - timedelta(hours=1))] * 2
+    clock[0] += LISTING_MAX_AGE
+    pacer()
+    calls = service.calls
+    for _ in range(17):
+        pacer()
+    assert service.calls == calls
+    pacer()
+    assert service.calls == calls + 2

@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from healthimaging.planner import ImportLimits, Plan, PlanSettings, S3Object, plan_objects
-from healthimaging.report import ChunkJob, ReportBuilder, build_report, read_ndjson, write_report
+from healthimaging.report import (
+    ChunkJob,
+    ReportBuilder,
+    build_report,
+    ndjson_lines,
+    read_object,
+    write_report,
+)
 
 INPUT = "s3://input-bucket/day/"
 STAGING = "s3://staging-bucket/stage/"
@@ -294,7 +301,8 @@ def test_build_report_reads_each_job_folder_and_writes_the_report(s3: Any, plan:
     assert f"full report (object keys): {uri}" in report.text()
 
 
-def test_read_ndjson_streams_lines_and_treats_a_missing_file_as_empty(s3: Any) -> None:
+def test_ndjson_is_read_as_lines_and_a_missing_file_as_empty(s3: Any) -> None:
     s3.put_object(Bucket="output-bucket", Key="x.ndjson", Body=b'{"a": 1}\n\n{"a": 2}\n')
-    assert list(read_ndjson(s3, "s3://output-bucket/x.ndjson")) == [{"a": 1}, {"a": 2}]
-    assert list(read_ndjson(s3, "s3://output-bucket/missing.ndjson")) == []
+    assert list(ndjson_lines(read_object(s3, "s3://output-bucket/x.ndjson"))) == [{"a": 1}, {"a": 2}]
+    assert read_object(s3, "s3://output-bucket/missing.ndjson") == b""
+    assert list(ndjson_lines([b'{"a": 3}', b"  "])) == [{"a": 3}]

@@ -126,13 +126,9 @@ def test_a_job_not_started_yet_is_waited_for_in_the_triggerer(kit) -> None:
     assert trigger.serialize()[1]["started_by"] == {**SOURCE.as_dict(), "clear_number": 3}
 
 
-def test_a_job_already_started_is_polled_at_once(stubber, kit) -> None:
+def test_a_job_already_started_is_waited_for_in_the_triggerer_at_once(stubber, kit) -> None:
+    """No first look at the job from the worker (the stubber has no answer for one): the trigger polls it."""
     context = kit.make_context(dag_id="dag", run_id="run", map_index=1)
-    stubber.add_response(
-        "get_dicom_import_job",
-        {"jobProperties": kit.job_properties("IN_PROGRESS")},
-        {"datastoreId": kit.DATASTORE_ID, "jobId": kit.JOB_ID},
-    )
     with (
         mock.patch.object(started_jobs, "find_started_job", return_value=("found", kit.JOB_ID)),
         pytest.raises(TaskDeferred) as deferred,
