@@ -205,7 +205,9 @@ def report(result: dict[str, Any]) -> int:
     for map_index in sorted(i for i in by_index if i >= 0):
         x = by_index[map_index]
         job = x.get(("wait_for_import_job", "return_value")) or {}
-        if isinstance(job, str):  # Airflow 3.3.2 stores the XCom of a task ended in the triggerer as JSON text
+        if isinstance(
+            job, str
+        ):  # Airflow 3.3.2 stores the XCom of a task ended in the triggerer as JSON text
             job = json.loads(job)
         print(f"\nImport #{map_index}: job {job.get('jobId')} -> {job.get('jobStatus')}")
         for name in (
@@ -216,7 +218,9 @@ def report(result: dict[str, Any]) -> int:
             "numberOfGeneratedImageSets",
         ):
             print(f"  {name}: {job.get(name)}")
-        summaries = [summaries_by_id[i] for i in by_job.get(str(job.get("jobId")), []) if i in summaries_by_id]
+        summaries = [
+            summaries_by_id[i] for i in by_job.get(str(job.get("jobId")), []) if i in summaries_by_id
+        ]
         print(f"  image sets of this import ({len(summaries)}):")
         for summary in summaries:
             tags = summary.get("DICOMTags") or {}
