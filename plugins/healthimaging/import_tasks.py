@@ -430,11 +430,16 @@ def import_report(chunks: list[dict[str, Any]] | None = None) -> list[dict[str, 
     known = ti.xcom_pull(task_ids=SEARCH_TASK_ID, key="importJobs") or {}
     limit = RateLimit(JOB_CALLS_PER_SECOND)
 
+    def completed(job_id: str) -> dict[str, Any] | None:
+        """The job as the search read it, if COMPLETED then (a COMPLETED job stays so)."""
+        seen = known.get(job_id) or {}
+        return seen if seen.get("jobStatus") == "COMPLETED" else None
+
     def chunk_job(chunk_and_job: tuple[dict[str, Any], str | None]) -> ChunkJob:
         chunk, job_id = chunk_and_job
         if job_id:
-            seen = known.get(str(job_id)) or {}
-            if seen.get("jobStatus") == "COMPLETED":  # as the search read it: a COMPLETED job stays so
+            seen = completed(str(job_id))
+            if seen is not None:
                 return ChunkJob.from_job_properties(chunk["chunk_id"], {"jobId": str(job_id), **seen})
             limit.acquire()
             properties = hook.get_import_job(chunk["datastore_id"], str(job_id))
@@ -442,7 +447,7 @@ def import_report(chunks: list[dict[str, Any]] | None = None) -> list[dict[str, 
         message = not_started.get(chunk["chunk_id"], "start_imports did not finish")
         return ChunkJob(chunk["chunk_id"], message=message[:500])
 
-    if any(job_id and (known.get(str(job_id)) or {}).get("jobStatus") != "COMPLETED" for job_id in job_ids):
+    if any(job_id and completed(str(job_id)) is None for job_id in job_ids):
         hook.conn  # noqa: B018 - one client for every thread, made before they start
     jobs: dict[int, list[ChunkJob]] = {}
     pairs = zip(chunks, job_ids, strict=True)

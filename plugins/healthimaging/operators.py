@@ -690,21 +690,19 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
                 return job, self._completed_job_image_sets(job, max_results, max_lookups), None
             except ImportJobNotCompleted:
                 return job, None, None
-            except (
-                AirflowException
-            ) as error:  # this job only (its manifest, its lookups): the others still count
+            # this job only (its manifest, its lookups): the others still count
+            except AirflowException as error:
                 return job, None, str(error)[:500]
 
         self.hook.conn.meta  # noqa: B018 - one client of each kind for every thread, made before they start
         self.hook.s3_hook.get_conn()
         by_job: dict[str, list[dict[str, Any]]] = {}
         jobs: dict[str, dict[str, Any]] = {}
-        not_completed, failed = [], []
+        not_completed = []
         for job_id, (job, found, error) in zip(job_ids, ordered_map(read, job_ids), strict=True):
             jobs[job_id] = to_iso({key: job.get(key) for key in JOB_MEMBERS})
             if error:
                 jobs[job_id]["error"] = error
-                failed.append(job_id)
                 self.log.warning("Image sets of import job %s not found: %s", job_id, error)
             elif found is None:
                 not_completed.append(job_id)
@@ -773,7 +771,6 @@ class SearchImageSetsOperator(HealthImagingAwsMixin, BaseOperator):
         by :attr:`job_window_skew`) finds them in bulk and stops once it has them all. Image sets it misses
         (updated again since the job, or deleted) are read one by one, at most ``max_lookups`` of them.
         """
-
         return self._completed_job_image_sets(
             self.hook.get_import_job(self.datastore_id, job_id), max_results, max_lookups
         )

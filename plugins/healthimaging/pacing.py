@@ -153,9 +153,8 @@ class StartPacer:
     def _needs_listing(self) -> bool:
         if self._listed_at is None or self.clock() - self._listed_at >= LISTING_MAX_AGE:
             return True
-        unseen = max(
-            2, math.ceil(self.pace.start_rate * LISTING_MAX_AGE)
-        )  # other runs' starts since the listing
+        # other runs' starts since the listing, which it does not see
+        unseen = max(2, math.ceil(self.pace.start_rate * LISTING_MAX_AGE))
         return self._seen_in_flight + self._own_since_listing + unseen >= self.pace.max_imports_in_flight
 
     def __call__(self) -> None:
